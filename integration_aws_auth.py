@@ -1,0 +1,662 @@
+"""AWS sessions from the `account` dict of a DataFlux Func startup script.
+
+Public entry points
+    get_session(account, region=None, *, regions=None, cache=None, clock=None)
+        -> boto3.session.Session whose credentials follow the account's method.
+    describe_identity(session, account, region=None) -> dict without secrets:
+        method, account_id, arn, partition (sts:GetCallerIdentity).
+    validate_account(account, where='account') -> the checked account.
+    auth_method(account) -> 'access_key' | 'assume_role' | 'mfa_session' |
+        'mfa_assume_role' | 'default_chain' | 'default_chain_assume_role'.
+    partition_of(region), check_partition(regions, where) -> partition name.
+    AccountConfigError (a ValueError, via core.ConfigError): every invalid account, before any AWS call.
+    AuthError (a RuntimeError): credentials that AWS (or the machine) refused.
+
+The account keys (the seed page is the contract)
+    ak_id, ak_secret        the IAM user's long-term access key.
+    assume_role_arn         sts:AssumeRole into this role (refreshed automatically).
+    external_id             optional ExternalId for the role.
+    role_session_name       optional, default "Integration".
+    serial_number, token_code
+                            MFA device and a 6-digit code. Without a role:
+                            sts:GetSessionToken; with a role: AssumeRole with MFA.
+                            The session is cached and reused; a code is sent once.
+    duration_seconds        optional session length (role: 900..43200,
+                            GetSessionToken: 900..129600, default 43200).
+    extra_tags              dict of str -> str added to every point.
+    No ak_id: botocore's default chain (environment, profile, web identity,
+    container, EC2 instance metadata), i.e. the instance's IAM role on EC2.
+
+Caching
+    Temporary credentials are kept between runs so that a */15 schedule makes one
+    STS call per session lifetime: in DFF.CACHE inside Func, otherwise in files
+    of mode 0600 under $INTEGRATION_STATE_DIR or ~/.cache/dataflux-integration,
+    named by a hash. Only temporary credentials, their expiry and a keyed hash of
+    the last MFA code are stored; never ak_secret.
+
+Environment honoured (through botocore; we never pass an explicit endpoint)
+    AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_STS, HTTPS_PROXY, AWS_CA_BUNDLE,
+    AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_METADATA_SERVICE_TIMEOUT and the rest
+    of botocore's settings.
+
+IAM permissions
+    sts:GetCallerIdentity (always allowed by AWS); sts:AssumeRole on the role for
+    the role methods; sts:GetSessionToken for MFA without a role.
+"""
+import datetime
+import difflib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import boto3
+import botocore.session
+from botocore.credentials import RefreshableCredentials
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+)
+
+import integration_core__runner as core
+
+LOG = logging.getLogger('integration.aws.auth')
+
+KNOWN_KEYS = (
+    'ak_id', 'ak_secret', 'assume_role_arn', 'external_id', 'role_session_name',
+    'serial_number', 'token_code', 'duration_seconds', 'extra_tags',
+)
+SECRET_KEYS = ('ak_secret', 'token_code')
+DEFAULT_ROLE_SESSION_NAME = 'Integration'
+
+# AWS's documented limits (aws-facts.md, "STS limits").
+ROLE_ARN_RE = re.compile(r'^arn:(aws[a-z-]*):iam::(\d{12}):role/([\w+=,.@/-]{1,512})$')
+SESSION_NAME_RE = re.compile(r'^[\w+=,.@-]{2,64}$')
+EXTERNAL_ID_RE = re.compile(r'^[\w+=,.@:/-]{2,1224}$')
+SERIAL_NUMBER_RE = re.compile(r'^[\w+=/:,.@-]{9,256}$')
+TOKEN_CODE_RE = re.compile(r'^\d{6}$')
+ACCESS_KEY_ID_RE = re.compile(r'^[A-Z0-9]{16,128}$')
+ROLE_DURATION = (900, 43200)
+SESSION_TOKEN_DURATION = (900, 129600)
+SESSION_TOKEN_DEFAULT_DURATION = 43200
+
+# The CLI treats a cached session with under 15 minutes left as expired; so do
+# we, which is also botocore's advisory refresh window.
+EXPIRY_MARGIN = datetime.timedelta(minutes=15)
+MANDATORY_MARGIN = datetime.timedelta(minutes=10)
+MFA_EXPIRY_MARGIN = datetime.timedelta(minutes=2)
+MFA_WARN_LEFT = datetime.timedelta(hours=1)
+# How long the record of a used MFA code is kept: long enough that a script
+# left with a stale code keeps failing clearly instead of resending it.
+USED_CODE_TTL = 30 * 24 * 3600
+
+# The STS region of each partition when the account names no region.
+PARTITION_STS_REGION = {
+    'aws': 'us-east-1',
+    'aws-cn': 'cn-northwest-1',
+    'aws-us-gov': 'us-gov-west-1',
+}
+
+
+class AccountConfigError(core.ConfigError):
+    """The account dict is invalid; the message names the key and the fix."""
+
+
+class AuthError(RuntimeError):
+    """Credentials could not be obtained or were refused; one line, no secret."""
+
+
+# --------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------
+
+def get_session(account, region=None, *, regions=None, cache=None, clock=None,
+                where='account'):
+    """Return a boto3 Session for `account`, ready for clients in any region of
+    its partition. `region` is the session's default region and the STS region
+    (defaults to the first of `regions`, else the partition's STS region).
+    `cache` has get(key) / set(key, value, expire=seconds) with string values;
+    `clock` returns an aware UTC datetime (tests inject one)."""
+    account = validate_account(account, where)
+    if regions:
+        check_partition(regions, "collector_configs['regions']")
+    region = region or (regions[0] if regions else None) or _role_region(account)
+    check_role_partition(account, partition_of(region), where)
+    bs = botocore.session.Session()
+    bs.set_config_variable('region', region)
+    method = auth_method(account)
+    if method == 'access_key':
+        bs.set_credentials(account['ak_id'], account['ak_secret'])
+    elif method != 'default_chain':
+        fetcher = _TemporaryCredentialFetcher(
+            account, bs, region, method,
+            cache=cache if cache is not None else core.default_cache(),
+            clock=clock or _utcnow)
+        bs._credentials = fetcher.refreshable_credentials()
+    else:
+        _require_default_chain(bs)
+    return boto3.session.Session(botocore_session=bs, region_name=region)
+
+
+def describe_identity(session, account, region=None, cache=None):
+    """Who we are, for the run's banner: never a secret. One sts call, or none
+    for a temporary session whose identity is already cached (so a cached MFA
+    session makes no STS call at all). Long-term keys are always checked: the
+    call is what turns revoked keys into one clear line per account."""
+    region = region or session.region_name
+    creds = session.get_credentials()
+    frozen = creds.get_frozen_credentials() if creds is not None else None
+    cache = cache if cache is not None else core.default_cache()
+    key = None
+    if frozen is not None and frozen.token:
+        key = 'integration_aws_auth:identity:' + _hash(frozen.access_key)
+        cached = _read_json(cache, key)
+        if cached:
+            return cached
+    sts = session.client('sts', region_name=region)
+    try:
+        ident = sts.get_caller_identity()
+    except ClientError as e:
+        raise AuthError(describe_client_error(e, 'sts:GetCallerIdentity')) from None
+    except BotoCoreError as e:
+        raise AuthError(f'sts:GetCallerIdentity in {region} failed: {e}') from None
+    method = auth_method(account)
+    if method == 'default_chain':
+        # Which link of botocore's chain answered: 'iam-role' is the instance role.
+        creds = session.get_credentials()
+        method = f"default_chain ({getattr(creds, 'method', 'unknown')})"
+    result = {
+        'method': method,
+        'account_id': ident['Account'],
+        'arn': ident['Arn'],
+        'partition': partition_of(region),
+    }
+    expiry = getattr(creds, '_expiry_time', None)
+    if key and expiry is not None:
+        left = int((expiry - _utcnow()).total_seconds())
+        if left > 60:
+            cache.set(key, json.dumps(result), expire=left)
+    return result
+
+
+def auth_method(account):
+    """The method the seed page's rules choose from the keys present."""
+    has_keys = bool(account.get('ak_id'))
+    role = bool(account.get('assume_role_arn'))
+    mfa = bool(account.get('serial_number'))
+    if not has_keys:
+        return 'default_chain_assume_role' if role else 'default_chain'
+    if mfa:
+        return 'mfa_assume_role' if role else 'mfa_session'
+    return 'assume_role' if role else 'access_key'
+
+
+def describe_client_error(error, action):
+    """One line from a botocore ClientError: the code, the message, the action."""
+    err = error.response.get('Error', {})
+    code = err.get('Code', 'Unknown')
+    message = (err.get('Message') or '').strip().splitlines()[0:1]
+    text = f'{action}: {code}'
+    if message:
+        text += f': {message[0]}'
+    return text
+
+
+# --------------------------------------------------------------------------
+# Validation: one clear line per mistake, before any AWS call
+# --------------------------------------------------------------------------
+
+def validate_account(account, where='account'):
+    """Check `account` against the seed page's rules and AWS's limits. Returns a
+    copy in which blank optional values count as absent."""
+    if not isinstance(account, dict):
+        raise AccountConfigError(
+            f'{where} must be a dict such as {{"ak_id": ..., "ak_secret": ...}}, '
+            f'not {type(account).__name__}')
+    for key in account:
+        if key not in KNOWN_KEYS:
+            raise AccountConfigError(f'{where}[{key!r}] is not a known key; {_suggest(key, KNOWN_KEYS)}')
+    out = {}
+    for key, value in account.items():
+        if key == 'extra_tags':
+            out[key] = _check_extra_tags(value, where)
+        elif key == 'duration_seconds':
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise AccountConfigError(
+                    f"{where}['duration_seconds'] must be a whole number of seconds, "
+                    f'not {type(value).__name__}')
+            out[key] = value
+        else:
+            if not isinstance(value, str):
+                raise AccountConfigError(
+                    f'{where}[{key!r}] must be a string in quotes, not {type(value).__name__}'
+                    + (": write the code as '012345'" if key == 'token_code' else ''))
+            value = value.strip()
+            if value.startswith('<') and value.endswith('>'):
+                raise AccountConfigError(
+                    f'{where}[{key!r}] still holds the placeholder from the documentation: '
+                    'replace it with your value' + ('' if key in SECRET_KEYS else f' (got {value!r})'))
+            if value:
+                out[key] = value
+    _check_combination(account, out, where)
+    _check_formats(out, where)
+    return out
+
+
+def _check_combination(raw, acc, where):
+    def missing(key, needs, fix):
+        raise AccountConfigError(f'{where}[{key!r}] is set but {where}[{needs!r}] is missing: {fix}')
+
+    for key in ('ak_id', 'ak_secret'):
+        if key in raw and key not in acc:
+            raise AccountConfigError(
+                f'{where}[{key!r}] is empty: fill in the IAM user\'s access key, or remove '
+                "ak_id and ak_secret to use the EC2 instance's IAM role")
+    if 'ak_id' in acc and 'ak_secret' not in acc:
+        missing('ak_id', 'ak_secret', 'add the secret access key that belongs to this key id')
+    if 'ak_secret' in acc and 'ak_id' not in acc:
+        missing('ak_secret', 'ak_id', 'add the access key id that belongs to this secret')
+    if 'token_code' in acc and 'serial_number' not in acc:
+        missing('token_code', 'serial_number', 'add the MFA device\'s ARN or serial number')
+    if 'serial_number' in acc and 'token_code' not in acc:
+        missing('serial_number', 'token_code', 'add the 6-digit code the MFA device shows now')
+    if 'serial_number' in acc and 'ak_id' not in acc:
+        missing('serial_number', 'ak_id', 'MFA needs the IAM user\'s keys (ak_id and ak_secret) of the device\'s owner')
+    for key in ('external_id', 'role_session_name'):
+        if key in acc and 'assume_role_arn' not in acc:
+            missing(key, 'assume_role_arn', 'add the role to assume, or remove this key')
+    if 'duration_seconds' in acc and not ('assume_role_arn' in acc or 'serial_number' in acc):
+        raise AccountConfigError(
+            f"{where}['duration_seconds'] only applies to temporary sessions "
+            '(assume_role_arn or serial_number): remove it')
+
+
+def _check_formats(acc, where):
+    def bad(key, what):
+        raise AccountConfigError(f'{where}[{key!r}] {what}')
+
+    if 'ak_id' in acc and not ACCESS_KEY_ID_RE.match(acc['ak_id']):
+        bad('ak_id', 'is not an access key id (16-128 capital letters and digits, e.g. AKIA...): '
+                     'copy it from the IAM console')
+    arn = acc.get('assume_role_arn')
+    if arn is not None and not ROLE_ARN_RE.match(arn):
+        bad('assume_role_arn', f'is not a role ARN (got {arn!r}): expected '
+                               'arn:<partition>:iam::<12-digit account id>:role/<name>')
+    if 'role_session_name' in acc and not SESSION_NAME_RE.match(acc['role_session_name']):
+        bad('role_session_name', f"must be 2-64 characters of letters, digits and +=,.@_- "
+                                 f"(got {acc['role_session_name']!r}); the default is {DEFAULT_ROLE_SESSION_NAME!r}")
+    if 'external_id' in acc and not EXTERNAL_ID_RE.match(acc['external_id']):
+        bad('external_id', f"must be 2-1224 characters of letters, digits and +=,.@:/_- "
+                           f"(got {len(acc['external_id'])} characters): copy it from the role's trust policy")
+    if 'serial_number' in acc and not SERIAL_NUMBER_RE.match(acc['serial_number']):
+        bad('serial_number', f"must be the MFA device's ARN (arn:aws:iam::123456789012:mfa/NAME) or "
+                             f"hardware serial, 9-256 characters (got {acc['serial_number']!r})")
+    if 'token_code' in acc and not TOKEN_CODE_RE.match(acc['token_code']):
+        bad('token_code', f"must be exactly 6 digits, the code the MFA device shows now "
+                          f"(got {len(acc['token_code'])} characters)")
+    if 'duration_seconds' in acc:
+        lo, hi = ROLE_DURATION if 'assume_role_arn' in acc else SESSION_TOKEN_DURATION
+        api = 'sts:AssumeRole' if 'assume_role_arn' in acc else 'sts:GetSessionToken'
+        if not lo <= acc['duration_seconds'] <= hi:
+            bad('duration_seconds', f"must be between {lo} and {hi} for {api} "
+                                    f"(got {acc['duration_seconds']})")
+
+
+def _check_extra_tags(tags, where):
+    if not isinstance(tags, dict):
+        raise AccountConfigError(
+            f"{where}['extra_tags'] must be a dict of strings such as "
+            f'{{"account_name": "prod"}}, not {type(tags).__name__}')
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key.strip():
+            raise AccountConfigError(f"{where}['extra_tags'] has the key {key!r}: keys must be non-empty strings")
+        if not isinstance(value, str):
+            raise AccountConfigError(
+                f"{where}['extra_tags'][{key!r}] must be a string, not {type(value).__name__}: "
+                'put the value in quotes')
+        if key == 'cloud_provider':
+            raise AccountConfigError(
+                f"{where}['extra_tags'] must not contain 'cloud_provider': every point already "
+                "carries cloud_provider=AWS; remove it or use another key")
+    return dict(tags)
+
+
+def _suggest(key, known):
+    near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    if near:
+        return f'did you mean {near[0]!r}?'
+    return 'known keys: ' + ', '.join(known)
+
+
+# --------------------------------------------------------------------------
+# Partitions
+# --------------------------------------------------------------------------
+
+_ENDPOINTS = {}
+_ENDPOINTS_LOCK = threading.Lock()
+
+
+def _endpoint_data():
+    """botocore's partition and region tables, loaded once on first use."""
+    with _ENDPOINTS_LOCK:
+        if not _ENDPOINTS:
+            bs = botocore.session.Session()
+            regions = {}
+            for partition in bs.get_available_partitions():
+                for name in bs.get_available_regions('ec2', partition):
+                    regions[name] = partition
+            _ENDPOINTS['session'] = bs
+            _ENDPOINTS['regions'] = regions
+        return _ENDPOINTS
+
+
+def known_regions():
+    """{region: partition} for every region botocore knows for EC2."""
+    return dict(_endpoint_data()['regions'])
+
+
+def partition_of(region):
+    data = _endpoint_data()
+    return data['regions'].get(region) or data['session'].get_partition_for_region(region)
+
+
+def check_partition(regions, where):
+    """The one partition all `regions` belong to; two partitions is an error."""
+    found = {}
+    for region in regions:
+        found.setdefault(partition_of(region), region)
+    if len(found) > 1:
+        pairs = ', '.join(f'{r} ({p})' for p, r in found.items())
+        raise AccountConfigError(
+            f'{where} mixes partitions: {pairs}. Keys of one partition do not work in '
+            'another: split them into one collector per partition, each with its own account')
+    return next(iter(found))
+
+
+def check_role_partition(account, partition, where='account'):
+    arn = account.get('assume_role_arn')
+    role_partition = ROLE_ARN_RE.match(arn).group(1) if arn else partition
+    if role_partition != partition:
+        raise AccountConfigError(
+            f"{where}['assume_role_arn'] is in partition '{role_partition}' but the regions "
+            f"are in '{partition}': roles of one partition cannot be used in another; use a "
+            "role of the regions' partition, or regions of the role's")
+
+
+def _role_region(account):
+    arn = account.get('assume_role_arn')
+    partition = ROLE_ARN_RE.match(arn).group(1) if arn else 'aws'
+    return PARTITION_STS_REGION.get(partition, 'us-east-1')
+
+
+# --------------------------------------------------------------------------
+# Temporary credentials: STS, the cache, the MFA rules
+# --------------------------------------------------------------------------
+
+class _TemporaryCredentialFetcher:
+    """Gets temporary credentials for one account: from the cache while they
+    are fresh (see margins), else from STS. botocore calls
+    `fetch` again before expiry (RefreshableCredentials), so long runs
+    never see ExpiredToken. An MFA code is sent at most once."""
+
+    def __init__(self, account, botocore_session, region, method, cache, clock):
+        self.account = account
+        self.bs = botocore_session
+        self.region = region
+        self.method = method
+        self.cache = cache
+        self.clock = clock
+        self.cache_key = 'integration_aws_auth:' + _hash(
+            method, account.get('ak_id'), account.get('assume_role_arn'),
+            account.get('external_id'), self.session_name, account.get('serial_number'),
+            account.get('duration_seconds'), partition_of(region))
+
+    def __repr__(self):
+        return f'<TemporaryCredentialFetcher method={self.method} region={self.region}>'
+
+    @property
+    def session_name(self):
+        return self.account.get('role_session_name') or DEFAULT_ROLE_SESSION_NAME
+
+    def margins(self, record):
+        """(advisory, mandatory) refresh windows for a session, as botocore uses
+        them: 15 and 10 minutes, scaled down for short sessions (a 900 s role
+        session would otherwise be renewed on every request). An MFA session
+        cannot be renewed unattended, so it is used to its last minutes."""
+        if 'token_code' in self.account:
+            return MFA_EXPIRY_MARGIN, MFA_EXPIRY_MARGIN / 2
+        lifetime = _parse_time(record['expiry_time']) - _parse_time(record.get('issued', record['expiry_time']))
+        if lifetime <= datetime.timedelta(0):
+            lifetime = datetime.timedelta(hours=1)
+        return min(EXPIRY_MARGIN, lifetime / 3), min(MANDATORY_MARGIN, lifetime / 6)
+
+    def refreshable_credentials(self):
+        record = self.fetch(full=True)
+        advisory, mandatory = self.margins(record)
+        return RefreshableCredentials(
+            record['access_key'], record['secret_key'], record['token'],
+            _parse_time(record['expiry_time']), self.fetch, self.method,
+            time_fetcher=self.clock, advisory_timeout=int(advisory.total_seconds()),
+            mandatory_timeout=int(mandatory.total_seconds()))
+
+    def fetch(self, full=False):
+        """Credentials metadata for botocore: cached while fresh, else from STS."""
+        cached = self._load()
+        now = self.clock()
+        if (cached and 'access_key' in cached
+                and _parse_time(cached['expiry_time']) - now > self.margins(cached)[0]):
+            LOG.debug('[AWS auth] reusing the cached %s session (expires %s)',
+                      self.method, cached['expiry_time'])
+            self._warn_if_mfa_short(cached, now)
+            return cached if full else _metadata(cached)
+        if 'token_code' in self.account:
+            self._refuse_used_code(cached, now)
+            # Recorded before the code is sent: a crash after AWS accepted it
+            # must not make the next run send the same code again.
+            self._store({'used_code': self._code_digest(),
+                         'expiry_time': (cached or {}).get('expiry_time', _format_time(now))})
+        creds = self._call_sts()
+        record = {
+            'access_key': creds['AccessKeyId'],
+            'secret_key': creds['SecretAccessKey'],
+            'token': creds['SessionToken'],
+            'expiry_time': _format_time(creds['Expiration']),
+            'issued': _format_time(now),
+        }
+        if 'token_code' in self.account:
+            record['used_code'] = self._code_digest()
+        self._store(record)
+        LOG.info('[AWS auth] obtained a new %s session, valid until %s', self.method, record['expiry_time'])
+        self._warn_if_mfa_short(record, now)
+        return record if full else _metadata(record)
+
+    def _call_sts(self):
+        acc = self.account
+        if self.method.startswith('default_chain'):
+            sts = self.bs.create_client('sts', region_name=self.region)
+        else:
+            sts = self.bs.create_client(
+                'sts', region_name=self.region,
+                aws_access_key_id=acc['ak_id'], aws_secret_access_key=acc['ak_secret'])
+        kwargs = {}
+        if 'serial_number' in acc:
+            kwargs.update(SerialNumber=acc['serial_number'], TokenCode=acc['token_code'])
+        if 'duration_seconds' in acc:
+            kwargs['DurationSeconds'] = acc['duration_seconds']
+        try:
+            if 'assume_role_arn' in acc:
+                action = 'sts:AssumeRole'
+                if 'external_id' in acc:
+                    kwargs['ExternalId'] = acc['external_id']
+                return sts.assume_role(RoleArn=acc['assume_role_arn'],
+                                       RoleSessionName=self.session_name, **kwargs)['Credentials']
+            action = 'sts:GetSessionToken'
+            kwargs.setdefault('DurationSeconds', SESSION_TOKEN_DEFAULT_DURATION)
+            return sts.get_session_token(**kwargs)['Credentials']
+        except ClientError as e:
+            raise AuthError(self._explain(describe_client_error(e, action))) from None
+        except (EndpointConnectionError, ConnectTimeoutError) as e:
+            # The request never reached AWS, so the MFA code was not consumed.
+            self._forget_used_code()
+            raise AuthError(f'{action} in {self.region}: cannot reach STS: {e}') from None
+        except BotoCoreError as e:
+            raise AuthError(f'{action} in {self.region} failed: {e}') from None
+
+    def _explain(self, line):
+        if 'token_code' in self.account:
+            line += (f"; the MFA code for {self.account['serial_number']} has now been used: "
+                     "put a fresh code in account['token_code'] before the next run")
+        if 'ExternalId' in line or ('AccessDenied' in line and 'external_id' in self.account):
+            line += "; check account['external_id'] against the role's trust policy"
+        return line
+
+    def _refuse_used_code(self, cached, now):
+        """AWS accepts each code once: never send a code we already sent."""
+        if not cached or cached.get('used_code') != self._code_digest():
+            return
+        device = self.account['serial_number']
+        if 'access_key' not in cached:
+            raise AuthError(
+                f'an earlier run already sent the code in account[\'token_code\'] for device {device} '
+                'and got no session back; AWS accepts each code only once. Put a fresh code '
+                "from the device in account['token_code'] and run again")
+        expired = cached['expiry_time']
+        raise AuthError(
+            f"the MFA session for device {device} expired at {expired} "
+            f"(now {_format_time(now)}) and account['token_code'] holds the code that "
+            'was already used to start it; AWS accepts each code only once. Put a fresh '
+            "code from the device in account['token_code'] and run again"
+            + ('' if 'duration_seconds' in self.account else
+               ", and consider account['duration_seconds'] for a longer session"))
+
+    def _warn_if_mfa_short(self, record, now):
+        if 'token_code' not in self.account:
+            return
+        left = _parse_time(record['expiry_time']) - now
+        if left < MFA_WARN_LEFT:
+            LOG.warning('[AWS auth] the MFA session for device %s expires at %s (in %d min); after that '
+                        "a fresh code is needed in account['token_code']",
+                        self.account['serial_number'], record['expiry_time'],
+                        max(0, int(left.total_seconds() // 60)))
+
+    def _code_digest(self):
+        # Keyed with the long-term secret: whoever can read the cache cannot
+        # test guesses of the code without also holding ak_secret.
+        msg = f"{self.account['serial_number']}|{self.account['token_code']}".encode()
+        return hmac.new(self.account['ak_secret'].encode(), msg, hashlib.sha256).hexdigest()
+
+    def _forget_used_code(self):
+        if 'token_code' in self.account:
+            self.cache.delete(self.cache_key)
+
+    def _load(self):
+        return _read_json(self.cache, self.cache_key)
+
+    def _store(self, record):
+        if 'used_code' in record:
+            expire = USED_CODE_TTL
+        else:
+            expire = max(60, int((_parse_time(record['expiry_time']) - self.clock()).total_seconds()))
+        self.cache.set(self.cache_key, json.dumps(record), expire=expire)
+
+
+def _metadata(record):
+    return {k: record[k] for k in ('access_key', 'secret_key', 'token', 'expiry_time')}
+
+
+# --------------------------------------------------------------------------
+# The default chain (instance role) and its diagnosis
+# --------------------------------------------------------------------------
+
+def _require_default_chain(bs):
+    """botocore's chain finds nothing: say why, and for EC2 say what to do."""
+    failure = None
+    try:
+        creds = bs.get_credentials()
+    except BotoCoreError as e:
+        creds, failure = None, str(e)
+    if creds is not None:
+        LOG.debug('[AWS auth] credentials from the default chain: %s', creds.method)
+        return
+    raise AuthError(
+        "no credentials: the account has no ak_id, so botocore's default chain was used "
+        '(environment, profile, web identity, container, EC2 instance role) and '
+        + (f'failed ({failure}); ' if failure else 'found nothing; ') + diagnose_imds(bs))
+
+
+def diagnose_imds(bs):
+    """Probe the instance metadata service the way botocore does and explain."""
+    endpoint = (bs.get_config_variable('ec2_metadata_service_endpoint')
+                or 'http://169.254.169.254').rstrip('/')
+    timeout = float(bs.get_config_variable('metadata_service_timeout') or 1)
+    req = urllib.request.Request(
+        endpoint + '/latest/api/token', method='PUT',
+        headers={'X-aws-ec2-metadata-token-ttl-seconds': '60'})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            token = resp.read().decode()
+    except TimeoutError:
+        return _hop_limit_hint(endpoint, timeout)
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            return _hop_limit_hint(endpoint, timeout)
+        return (f'the instance metadata service at {endpoint} is not reachable ({e.reason}): '
+                'this machine is not an EC2 instance, so give the account ak_id and ak_secret')
+    except OSError as e:
+        return f'the instance metadata service at {endpoint} failed ({e})'
+    req = urllib.request.Request(endpoint + '/latest/meta-data/iam/security-credentials/',
+                                 headers={'X-aws-ec2-metadata-token': token})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            roles = resp.read().decode().split()
+    except (OSError, urllib.error.URLError):
+        roles = []
+    if not roles:
+        return ('the instance has no IAM role attached: attach an instance profile with the '
+                "collector's policy, or give the account ak_id and ak_secret")
+    return f'the instance role {roles[0]} returned no usable credentials'
+
+
+def _hop_limit_hint(endpoint, timeout):
+    return (f'the IMDSv2 token request to {endpoint} timed out after {timeout:g} s. In a '
+            "container on EC2 set the instance's metadata hop limit to 2 (aws ec2 "
+            'modify-instance-metadata-options --http-put-response-hop-limit 2); '
+            'off EC2, give the account ak_id and ak_secret')
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+def _read_json(cache, key):
+    try:
+        raw = cache.get(key)
+        return json.loads(raw) if raw else None
+    except (ValueError, OSError) as e:
+        LOG.warning('[AWS auth] ignoring an unreadable cache entry: %s', type(e).__name__)
+        return None
+
+
+def _utcnow():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _hash(*parts):
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _format_time(value):
+    if isinstance(value, str):
+        value = _parse_time(value)
+    return value.astimezone(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+def _parse_time(text):
+    value = datetime.datetime.fromisoformat(text.replace('Z', '+00:00'))
+    return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)

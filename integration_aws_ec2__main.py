@@ -1,0 +1,453 @@
+"""EC2 inventory collector: every instance of every configured region, as
+DataFlux custom objects (measurement `aws_ec2`).
+
+Public entry points
+    DataCollector(account, configs, filters=None, after_collect=None)
+        The startup scripts' `main.DataCollector(account, collector_configs)`.
+        The constructor validates and does no I/O; the Runner calls identity(),
+        collect() and reads `results`.
+    instance_to_point(instance, region, extra_tags, timestamp) -> point dict
+        The pure transform of one described instance.
+
+collector_configs keys
+    regions         list of region ids, e.g. ['cn-northwest-1']; ['*'] = every
+                    region enabled for the account (ec2:DescribeRegions).
+    concurrency     regions collected at once (default: all, at most 32).
+    page_size       DescribeInstances MaxResults, 5..1000 (default 1000).
+    retry_mode      botocore retry mode, 'adaptive' (default) or 'standard'.
+    max_attempts    attempts per request, 1..20 (default 8), so throttling
+                    (RequestLimitExceeded) is absorbed.
+
+Output (compat.md section 4): tags name (= InstanceId), InstanceId, InstanceType,
+PlatformDetails, RegionId, InstanceName, State, StateReason_Code, AvailabilityZone,
+cloud_provider=AWS and the account's extra_tags; fields BlockDeviceMappings,
+NetworkInterfaces, Placement, Tags (JSON text), LaunchTime, message (the whole
+instance as JSON). UserData is never requested nor reported.
+
+IAM permissions: ec2:DescribeInstances, ec2:DescribeRegions (only for ['*']),
+sts:GetCallerIdentity (always allowed), plus what the account's method needs
+(integration_aws_auth).
+"""
+import datetime
+import difflib
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+import integration_aws_auth as auth
+import integration_core__runner as core
+
+LOG = logging.getLogger('integration.aws.ec2')
+
+MEASUREMENT = 'aws_ec2'
+CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempts')
+DEFAULTS = {'page_size': 1000, 'retry_mode': 'adaptive', 'max_attempts': 8}
+MAX_CONCURRENCY = 32
+TAG_VALUE_MAX_BYTES = 1024
+BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
+                 'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
+# Extra hints for the region errors users meet most.
+ERROR_HINTS = {
+    'AuthFailure': 'is the region enabled for the account (opt-in regions answer AuthFailure '
+                   'until enabled), and are the keys of this partition?',
+    'OptInRequired': 'enable the region for the account, or remove it from regions',
+    'UnauthorizedOperation': 'allow ec2:DescribeInstances in this region (see the README\'s policy)',
+    'AccessDenied': 'allow ec2:DescribeInstances in this region (see the README\'s policy)',
+    'RequestLimitExceeded': 'still throttled after retries: lower concurrency or raise max_attempts',
+}
+
+
+class DataCollector:
+    """One account's EC2 instances in the configured regions."""
+
+    title = 'AWS EC2'
+    category = 'custom_object'
+    min_interval = core.MIN_INTERVAL['custom_object']
+
+    def __init__(self, account, configs=None, filters=None, after_collect=None, *,
+                 cache=None, clock=None):
+        self.account = auth.validate_account(account)
+        self.configs = validate_configs(configs)
+        self.extra_tags = self.account.get('extra_tags', {})
+        for key in self.extra_tags:
+            if key in BUILT_IN_TAGS:
+                raise auth.AccountConfigError(
+                    f"account['extra_tags'][{key!r}] would overwrite the tag the EC2 collector "
+                    'sets itself: rename the key')
+        self.regions = self.configs['regions']
+        self.partition = None
+        if self.regions != ['*']:
+            self.partition = auth.check_partition(self.regions, "collector_configs['regions']")
+            auth.check_role_partition(self.account, self.partition)
+        self.filters = _check_filters(filters)
+        if after_collect is not None and not callable(after_collect):
+            raise core.ConfigError(
+                f'after_collect must be a function taking a point and returning it (or None), '
+                f'not {type(after_collect).__name__}')
+        self.after_collect = after_collect
+        self.cache = cache
+        self.clock = clock
+        self.results = []
+        self._session = None
+        self._identity = None
+
+    def __repr__(self):
+        return (f'<DataCollector aws_ec2 method={auth.auth_method(self.account)} '
+                f'regions={self.regions}>')
+
+    @property
+    def state_key(self):
+        """Which estate this is, for the Runner's "collected recently" record."""
+        who = [self.account.get(k) for k in ('ak_id', 'assume_role_arn', 'serial_number')]
+        return 'aws_ec2:' + hashlib.sha256(json.dumps([who, self.regions]).encode()).hexdigest()[:24]
+
+    # -- what the Runner calls -------------------------------------------------
+
+    def identity(self):
+        """The account in use (method, account id, ARN, partition): one sts call."""
+        if self._identity is None:
+            session = self.session()
+            self._identity = auth.describe_identity(session, self.account, cache=self.cache)
+        return self._identity
+
+    def session(self):
+        """One session per account: it loads the service models once and its
+        clients are thread-safe, so all regions share it."""
+        if self._session is None:
+            if self.partition is None:
+                self.partition = self._discover_partition()
+            home = self.regions[0] if self.regions != ['*'] else auth.PARTITION_STS_REGION.get(
+                self.partition, 'us-east-1')
+            self._session = auth.get_session(
+                self.account, region=home, regions=None if self.regions == ['*'] else self.regions,
+                cache=self.cache, clock=self.clock)
+        return self._session
+
+    def collect(self):
+        """Yield points page by page, regions in parallel; fill self.results."""
+        session = self.session()
+        self.identity()
+        regions = self._resolve_regions(session)
+        timestamp = time.time_ns()
+        self.results = [_new_result(r) for r in regions]
+        by_region = {r['region']: r for r in self.results}
+        clients = {r: session.client('ec2', region_name=r, config=self._client_config())
+                   for r in regions}
+        pages = queue.Queue(maxsize=max(1, min(len(regions), 4)))
+        stop = threading.Event()
+        workers = min(self.configs.get('concurrency') or MAX_CONCURRENCY, len(regions)) or 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix='ec2') as pool:
+            for region in regions:
+                pool.submit(self._fetch_region, clients[region], by_region[region], pages, stop)
+            try:
+                done = 0
+                while done < len(regions):
+                    kind, region, reservations = pages.get()
+                    if kind == 'done':
+                        done += 1
+                        continue
+                    yield from self._points(reservations, by_region[region], timestamp)
+            finally:
+                stop.set()
+
+    def check(self):
+        """Probe each region's permission with a 5-result DescribeInstances."""
+        session = self.session()
+        out = []
+        for region in self._resolve_regions(session):
+            client = session.client('ec2', region_name=region, config=self._client_config())
+            try:
+                resp = client.describe_instances(MaxResults=5)
+                count = sum(len(r['Instances']) for r in resp['Reservations'])
+                out.append({'region': region, 'ok': True,
+                            'reason': f'ec2:DescribeInstances allowed ({count} instance(s) on a 5-result page)'})
+            except (ClientError, BotoCoreError, auth.AuthError) as e:
+                out.append({'region': region, 'ok': False, 'reason': explain_error(e, region)})
+        return out
+
+    # -- collection ----------------------------------------------------------
+
+    def _client_config(self):
+        return Config(retries={'mode': self.configs['retry_mode'],
+                               'max_attempts': self.configs['max_attempts']},
+                      connect_timeout=10, read_timeout=60, user_agent_extra='integration_aws_ec2')
+
+    def _fetch_region(self, client, result, pages, stop):
+        """Worker: one region's pages, in order, onto the queue."""
+        started = time.monotonic()
+        params = {'MaxResults': self.configs['page_size']}
+        try:
+            while not stop.is_set():
+                resp = client.describe_instances(**params)
+                result['api_calls'] += 1 + resp['ResponseMetadata'].get('RetryAttempts', 0)
+                result['pages'] += 1
+                _put(pages, ('page', result['region'], resp['Reservations']), stop)
+                params['NextToken'] = resp.get('NextToken')
+                if not params['NextToken']:
+                    break
+        except (ClientError, BotoCoreError, auth.AuthError) as e:
+            if isinstance(e, ClientError):
+                result['api_calls'] += 1 + e.response.get('ResponseMetadata', {}).get('RetryAttempts', 0)
+            result['error'] = explain_error(e, result['region'])
+        except Exception as e:  # a bug must still be reported, not lost in a thread
+            result['error'] = f'{type(e).__name__}: {e}'
+        finally:
+            result['seconds'] = round(time.monotonic() - started, 3)
+            _put(pages, ('done', result['region'], None), stop)
+
+    def _points(self, reservations, result, timestamp):
+        for reservation in reservations:
+            for instance in reservation.get('Instances', []):
+                point = instance_to_point(instance, result['region'], self.extra_tags, timestamp)
+                point = self._apply_hooks(point, result)
+                if point is not None:
+                    result['instances'] += 1
+                    yield point
+
+    def _apply_hooks(self, point, result):
+        """Users' filters and after_collect: a failure names the hook and the
+        instance, is counted against the region, and the instance is left out."""
+        instance_id = point['tags']['name']
+        hook = None
+        try:
+            if self.filters:
+                merged = {**point['tags'], **point['fields']}
+                for index, check in enumerate(self.filters):
+                    hook = f'filters[{index}] ({_name(check)})'
+                    if not check(merged):
+                        return None
+            if self.after_collect is not None:
+                hook = f'after_collect ({_name(self.after_collect)})'
+                point = self.after_collect(point)
+        except Exception as e:
+            message = f'{hook} raised {type(e).__name__}: {e} on instance {instance_id}'
+            result['hook_errors'] += 1
+            if not result['error']:
+                result['error'] = message
+            LOG.error('[%s] %s', result['region'], message)
+            return None
+        return point
+
+    def _resolve_regions(self, session):
+        if self.regions != ['*']:
+            return list(self.regions)
+        home = session.region_name
+        client = session.client('ec2', region_name=home, config=self._client_config())
+        try:
+            resp = client.describe_regions(AllRegions=False)
+        except (ClientError, BotoCoreError) as e:
+            raise auth.AuthError(f"regions ['*']: {explain_error(e, home)}") from None
+        regions = sorted(r['RegionName'] for r in resp['Regions']
+                         if r.get('OptInStatus') != 'not-opted-in')
+        LOG.info("[AWS EC2] regions ['*'] in %s: %d enabled region(s)", self.partition, len(regions))
+        return regions
+
+    def _discover_partition(self):
+        """['*'] names no region: the role's ARN tells the partition, or else
+        the keys do (they work in their own partition only)."""
+        arn = self.account.get('assume_role_arn')
+        if arn:
+            return auth.ROLE_ARN_RE.match(arn).group(1)
+        errors = []
+        for partition, region in auth.PARTITION_STS_REGION.items():
+            try:
+                session = auth.get_session(self.account, region=region,
+                                           cache=self.cache, clock=self.clock)
+                self._identity = auth.describe_identity(session, self.account, cache=self.cache)
+                return partition
+            except auth.AuthError as e:
+                errors.append(f'{partition}: {e}')
+                if 'InvalidClientTokenId' not in str(e) and 'AuthFailure' not in str(e):
+                    break
+        raise auth.AuthError("regions ['*']: the credentials work in no partition: " + '; '.join(errors))
+
+
+# --------------------------------------------------------------------------
+# The transform: one instance -> one point (pure)
+# --------------------------------------------------------------------------
+
+def instance_to_point(instance, region, extra_tags, timestamp):
+    instance = {k: v for k, v in instance.items() if k != 'UserData'}
+    instance_id = instance['InstanceId']
+    aws_tags = instance.get('Tags') or []
+    name_tag = next((t.get('Value') for t in aws_tags if t.get('Key') == 'Name'), None)
+    tags = {
+        'name': instance_id,
+        'InstanceId': instance_id,
+        'InstanceType': instance.get('InstanceType'),
+        'PlatformDetails': instance.get('PlatformDetails'),
+        'RegionId': region,
+        'InstanceName': name_tag,
+        'State': (instance.get('State') or {}).get('Name'),
+        'StateReason_Code': (instance.get('StateReason') or {}).get('Code'),
+        'AvailabilityZone': (instance.get('Placement') or {}).get('AvailabilityZone'),
+        'cloud_provider': 'AWS',
+    }
+    tags.update(extra_tags)
+    tags = {k: v for k, v in ((k, tag_value(v)) for k, v in tags.items()) if v}
+    launch_time = instance.get('LaunchTime')
+    fields = {
+        'BlockDeviceMappings': to_json(instance.get('BlockDeviceMappings') or []),
+        'NetworkInterfaces': to_json(instance.get('NetworkInterfaces') or []),
+        'Placement': to_json(instance.get('Placement') or {}),
+        'Tags': to_json(aws_tags),
+        'LaunchTime': iso_time(launch_time) if launch_time else None,
+        'message': to_json(instance),
+    }
+    return {'measurement': MEASUREMENT, 'tags': tags,
+            'fields': {k: v for k, v in fields.items() if v is not None},
+            'timestamp': timestamp}
+
+
+def tag_value(value):
+    """A value a line-protocol tag can carry: one line, no surrounding blanks,
+    at most 1024 bytes; None or '' means "omit the tag"."""
+    if value is None:
+        return None
+    text = ' '.join(str(value).split())
+    encoded = text.encode('utf-8')
+    if len(encoded) > TAG_VALUE_MAX_BYTES:
+        text = encoded[:TAG_VALUE_MAX_BYTES].decode('utf-8', 'ignore')
+    return text
+
+
+def to_json(value):
+    return json.dumps(value, ensure_ascii=False, separators=(',', ':'), default=_json_default)
+
+
+def iso_time(value):
+    if isinstance(value, str):
+        return value
+    value = value.astimezone(datetime.timezone.utc)
+    pattern = '%Y-%m-%dT%H:%M:%S.%fZ' if value.microsecond else '%Y-%m-%dT%H:%M:%SZ'
+    return value.strftime(pattern)
+
+
+def _json_default(value):
+    if isinstance(value, datetime.datetime):
+        return iso_time(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode('utf-8', 'replace')
+    return str(value)
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+def validate_configs(configs):
+    where = 'collector_configs'
+    if not isinstance(configs, dict):
+        raise core.ConfigError(f"{where} must be a dict such as {{'regions': ['cn-northwest-1']}}, "
+                               f'not {type(configs).__name__}')
+    for key in configs:
+        if key not in CONFIG_KEYS:
+            near = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
+            raise core.ConfigError(f'{where}[{key!r}] is not a known key; ' + (
+                f'did you mean {near[0]!r}?' if near else 'known keys: ' + ', '.join(CONFIG_KEYS)))
+    out = dict(DEFAULTS)
+    out.update(configs)
+    out['regions'] = _check_regions(configs.get('regions'), f"{where}['regions']")
+    _check_int(out, 'page_size', 5, 1000, where)
+    _check_int(out, 'max_attempts', 1, 20, where)
+    if out.get('concurrency') is not None:
+        _check_int(out, 'concurrency', 1, MAX_CONCURRENCY, where)
+    if out['retry_mode'] not in ('adaptive', 'standard'):
+        raise core.ConfigError(f"{where}['retry_mode'] must be 'adaptive' or 'standard' "
+                               f"(got {out['retry_mode']!r})")
+    return out
+
+
+def _check_regions(regions, where):
+    if regions is None:
+        raise core.ConfigError(f"{where} is missing: list the regions to collect, e.g. "
+                               "['cn-northwest-1'], or ['*'] for every enabled region")
+    if isinstance(regions, str) or not isinstance(regions, (list, tuple)):
+        raise core.ConfigError(f"{where} must be a list such as ['cn-northwest-1'], "
+                               f'not {type(regions).__name__}')
+    if not regions:
+        raise core.ConfigError(f"{where} is empty: list at least one region, or ['*']")
+    known = auth.known_regions()
+    out = []
+    for index, region in enumerate(regions):
+        if not isinstance(region, str):
+            raise core.ConfigError(f'{where}[{index}] must be a region id string, '
+                                   f'not {type(region).__name__}')
+        region = region.strip()
+        if region == '*':
+            if len(regions) > 1:
+                raise core.ConfigError(f"{where}[{index}]: '*' means every enabled region and "
+                                       'must be the only entry')
+        elif region not in known:
+            near = difflib.get_close_matches(region, list(known), n=1, cutoff=0.7)
+            raise core.ConfigError(f'{where}[{index}] {region!r} is not an AWS region' + (
+                f'; did you mean {near[0]!r}?' if near else "; e.g. 'us-east-1', 'cn-northwest-1'"))
+        if region not in out:
+            out.append(region)
+    return out
+
+
+def _check_int(configs, key, low, high, where):
+    value = configs.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise core.ConfigError(f'{where}[{key!r}] must be a whole number from {low} to {high} '
+                               f'(got {value!r})')
+
+
+def _check_filters(filters):
+    if filters is None:
+        return []
+    if callable(filters):
+        filters = [filters]
+    if not isinstance(filters, (list, tuple)):
+        raise core.ConfigError(f'filters must be a list of functions, not {type(filters).__name__}')
+    for index, check in enumerate(filters):
+        if not callable(check):
+            raise core.ConfigError(f'filters[{index}] must be a function taking an instance\'s '
+                                   f'tags and fields and returning True to keep it, '
+                                   f'not {type(check).__name__}')
+    return list(filters)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+def explain_error(error, region):
+    """One line for a region's failure: what AWS said and what to do."""
+    if isinstance(error, ClientError):
+        code = error.response.get('Error', {}).get('Code', '')
+        line = auth.describe_client_error(error, 'ec2:DescribeInstances')
+        hint = ERROR_HINTS.get(code)
+        return f'{line} ({hint})' if hint else line
+    if isinstance(error, auth.AuthError):
+        return str(error)
+    return f'{type(error).__name__}: {error}'
+
+
+def _new_result(region):
+    return {'region': region, 'instances': 0, 'pages': 0, 'api_calls': 0,
+            'seconds': 0.0, 'error': None, 'hook_errors': 0}
+
+
+def _put(pages, item, stop):
+    """Queue a page, giving up if the consumer went away (so no thread hangs)."""
+    while not stop.is_set():
+        try:
+            pages.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+
+
+def _name(func):
+    return getattr(func, '__name__', type(func).__name__)

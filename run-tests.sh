@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up and run every test: InfluxDB 1.x (Debian's influxdb, the real
+# line-protocol parser the tests use), a virtualenv with the test extras, pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! command -v influxd >/dev/null 2>&1; then
+    echo "installing influxdb (Debian package) for the line-protocol tests ..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq influxdb >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure" >&2
+    exit 1
+fi
+exit "$status"

@@ -1,0 +1,122 @@
+"""Shared fixtures: a moto server with IAM enforcement on, a clean AWS
+environment per test, and a guard that fails any test reaching past loopback."""
+import ipaddress
+import os
+import socket
+import sys
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+
+from demo_emulator import AwsEmulator, USER_POLICY  # noqa: E402
+
+LOOPBACK_NAMES = {'localhost', 'localhost.localdomain', 'ip6-localhost'}
+_blocked = []
+_real_getaddrinfo = socket.getaddrinfo
+_real_connect = socket.socket.connect
+
+
+def _is_loopback(host):
+    if host is None:
+        return True
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip('[]').split('%')[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    if not _is_loopback(host):
+        _blocked.append(host)
+        raise OSError(f'test network guard: {host} is not loopback')
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+def _guarded_connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+        _blocked.append(address[0])
+        raise OSError(f'test network guard: {address[0]} is not loopback')
+    return _real_connect(self, address)
+
+
+socket.getaddrinfo = _guarded_getaddrinfo
+socket.socket.connect = _guarded_connect
+
+
+@pytest.fixture(autouse=True)
+def network_guard():
+    """Fail the test if anything tried a non-loopback host (amazonaws.com ...),
+    even when the code under test caught the error."""
+    _blocked.clear()
+    yield
+    tried = list(_blocked)
+    _blocked.clear()
+    assert not tried, f'the test tried to reach hosts beyond loopback: {sorted(set(map(str, tried)))}'
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No real credentials, config files or metadata service; state in tmp."""
+    for name in list(os.environ):
+        if name.startswith(('AWS_', 'INTEGRATION_', 'DATAKIT_')) or name.upper() in (
+                'HTTPS_PROXY', 'HTTP_PROXY', 'NO_PROXY', 'ALL_PROXY'):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', os.devnull)
+    monkeypatch.setenv('AWS_CONFIG_FILE', os.devnull)
+    # Closed loopback port: the default chain's IMDS probe fails fast here.
+    monkeypatch.setenv('AWS_EC2_METADATA_SERVICE_ENDPOINT', 'http://127.0.0.1:9')
+    monkeypatch.setenv('AWS_METADATA_SERVICE_TIMEOUT', '1')
+    monkeypatch.setenv('INTEGRATION_STATE_DIR', str(tmp_path / 'state'))
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    import integration_core__runner as core
+    core._RUNTIME.clear()
+    yield
+
+
+@pytest.fixture(scope='session')
+def emulator():
+    emu = AwsEmulator().start()
+    emu.admin('aws')
+    emu.admin('aws-cn')
+    emu.enforce()
+    yield emu
+    emu.stop()
+
+
+@pytest.fixture
+def aws(emulator, monkeypatch):
+    """The emulator, with boto3 pointed at it through AWS_ENDPOINT_URL."""
+    monkeypatch.setenv('AWS_ENDPOINT_URL', emulator.url)
+    return emulator
+
+
+def unique(prefix):
+    return f'{prefix}-{uuid.uuid4().hex[:8]}'
+
+
+@pytest.fixture
+def user(aws):
+    """A fresh IAM user (aws partition) that may read EC2 and use STS."""
+    return aws.make_user(unique('user'), 'aws', policy=USER_POLICY)
+
+
+@pytest.fixture
+def cn_user(aws):
+    return aws.make_user(unique('cnuser'), 'aws-cn', policy=USER_POLICY)
+
+
+def account_of(creds, **extra):
+    account = {'ak_id': creds['ak_id'], 'ak_secret': creds['ak_secret']}
+    account.update(extra)
+    return account
+
+
+def sts_calls(calls, action=None):
+    return [c for c in calls if c['service'] == 'sts' and (action is None or c['action'] == action)]

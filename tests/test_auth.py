@@ -1,0 +1,470 @@
+"""integration_aws_auth against a real moto server with IAM enforcement on."""
+import datetime
+import http.server
+import json
+import logging
+import os
+import socketserver
+import stat
+import threading
+
+import pytest
+
+import integration_aws_auth as auth
+import integration_core__runner as core
+from conftest import account_of, sts_calls, unique
+from demo_emulator import ImdsServer, USER_POLICY
+
+UTC = datetime.timezone.utc
+
+
+class Clock:
+    """An injectable clock that starts at the real now and moves on command."""
+
+    def __init__(self):
+        self.now = datetime.datetime.now(UTC)
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += datetime.timedelta(seconds=seconds)
+
+
+def identity(account, region='us-east-1', **kwargs):
+    session = auth.get_session(account, region=region, **kwargs)
+    return session, auth.describe_identity(session, account, cache=kwargs.get('cache'))
+
+
+def ec2_call(session, region='us-east-1'):
+    return session.client('ec2', region_name=region).describe_instances(MaxResults=5)
+
+
+# -- each method end to end ----------------------------------------------------
+
+def test_access_keys_identity_and_sts_region(aws, user):
+    with aws.recording() as calls:
+        session, ident = identity(account_of(user), region='eu-west-1')
+        ec2_call(session, 'eu-west-1')
+    assert ident['arn'] == user['arn']
+    assert ident['method'] == 'access_key'
+    assert ident['account_id'] == '123456789012'
+    assert ident['partition'] == 'aws'
+    (call,) = sts_calls(calls)
+    assert call['action'] == 'GetCallerIdentity'
+    assert call['region'] == 'eu-west-1' and call['access_key'] == user['ak_id'] and call['token'] is None
+    ec2 = [c for c in calls if c['service'] == 'ec2']
+    assert ec2 and all(c['access_key'] == user['ak_id'] for c in ec2)
+
+
+def test_wrong_secret_is_refused_without_echoing_it(aws, user):
+    bad = 'Wrong' + user['ak_secret'][5:]
+    with pytest.raises(auth.AuthError) as info:
+        identity(account_of(user, ak_secret=bad))
+    assert 'SignatureDoesNotMatch' in str(info.value)
+    assert bad not in str(info.value) and user['ak_secret'] not in str(info.value)
+
+
+def make_role(aws, user, external_id=None, max_session=3600, partition='aws'):
+    return aws.make_role(unique('role'), user['arn'], partition, external_id=external_id,
+                         max_session=max_session)
+
+
+def test_assume_role_with_external_id(aws, user):
+    role = make_role(aws, user, external_id='ext-12345')
+    account = account_of(user, assume_role_arn=role, external_id='ext-12345')
+    with aws.recording() as calls:
+        session, ident = identity(account)
+        ec2_call(session)
+    role_name = role.split('/')[-1]
+    assert ident['arn'] == f'arn:aws:sts::123456789012:assumed-role/{role_name}/Integration'
+    assert ident['method'] == 'assume_role'
+    (assume,) = sts_calls(calls, 'AssumeRole')
+    assert assume['access_key'] == user['ak_id']
+    assert assume['params']['ExternalId'] == 'ext-12345'
+    assert assume['params']['RoleSessionName'] == 'Integration'
+    ec2 = [c for c in calls if c['service'] == 'ec2']
+    assert ec2 and all(c['access_key'] != user['ak_id'] and c['token'] for c in ec2)
+
+
+def test_role_session_name_is_used(aws, user):
+    role = make_role(aws, user)
+    _, ident = identity(account_of(user, assume_role_arn=role, role_session_name='alice@ops'))
+    assert ident['arn'].endswith('/alice@ops')
+
+
+def test_wrong_external_id_fails_with_a_hint(aws, user):
+    role = make_role(aws, user, external_id='right-one')
+    with pytest.raises(auth.AuthError) as info:
+        identity(account_of(user, assume_role_arn=role, external_id='wrong-one'))
+    assert 'AccessDenied' in str(info.value) and "account['external_id']" in str(info.value)
+
+
+def test_role_credentials_are_reused_across_runs(aws, user):
+    role = make_role(aws, user)
+    account = account_of(user, assume_role_arn=role)
+    identity(account)
+    with aws.recording() as calls:   # the next */15 run: a new session, same cache
+        session, ident = identity(account)
+        ec2_call(session)
+    assert sts_calls(calls) == [], 'the second run must reuse the cached role session'
+    assert 'assumed-role' in ident['arn']
+
+
+def test_short_role_session_refreshes_during_a_long_run(aws, user):
+    role = make_role(aws, user)
+    clock = Clock()
+    account = account_of(user, assume_role_arn=role, duration_seconds=900)
+    with aws.recording() as calls:
+        session = auth.get_session(account, region='us-east-1', clock=clock)
+        ec2_call(session)
+        clock.advance(500)          # 400 s left: still fresh
+        ec2_call(session)
+        clock.advance(200)          # 200 s left: inside the refresh window
+        ec2_call(session)
+    # (moto dates its sessions by the real clock, so the fake one cannot go
+    # past the second session's end without making it look expired too.)
+    assumes = sts_calls(calls, 'AssumeRole')
+    assert len(assumes) == 2, [c['action'] for c in calls]
+    assert all(c['params']['DurationSeconds'] == '900' for c in assumes)
+    ec2 = [c for c in calls if c['service'] == 'ec2']
+    assert len(ec2) == 3
+    assert ec2[0]['access_key'] == ec2[1]['access_key'] != ec2[2]['access_key']
+
+
+# -- MFA ---------------------------------------------------------------------------
+
+def mfa_account(aws, user, role=None, code='918273', **extra):
+    serial = aws.make_mfa_device(user['arn'].split('/')[-1])
+    account = account_of(user, serial_number=serial, token_code=code, **extra)
+    if role:
+        account['assume_role_arn'] = role
+    return account
+
+
+def test_mfa_with_role_sends_the_code_once_across_runs(aws, user):
+    role = make_role(aws, user)
+    account = mfa_account(aws, user, role)
+    with aws.recording() as first:
+        session, ident = identity(account)
+        ec2_call(session)
+    with aws.recording() as second:
+        session, ident2 = identity(account)
+        ec2_call(session)
+    (assume,) = sts_calls(first, 'AssumeRole')
+    assert assume['params']['TokenCode'] == '918273'
+    assert assume['params']['SerialNumber'] == account['serial_number']
+    assert sts_calls(second) == []
+    assert ident2 == ident and ident['method'] == 'mfa_assume_role'
+
+
+def test_mfa_without_role_uses_get_session_token_once(aws, user):
+    account = mfa_account(aws, user, duration_seconds=7200)
+    with aws.recording() as first:
+        session = auth.get_session(account, region='us-east-1')
+        session.client('ec2', region_name='us-east-1').meta.events  # no call yet
+        frozen = session.get_credentials().get_frozen_credentials()
+    with aws.recording() as second:
+        again = auth.get_session(account, region='us-east-1').get_credentials().get_frozen_credentials()
+    (gst,) = sts_calls(first)
+    assert gst['action'] == 'GetSessionToken' and gst['access_key'] == user['ak_id']
+    assert gst['params']['TokenCode'] == '918273'
+    assert gst['params']['DurationSeconds'] == '7200'
+    assert sts_calls(second) == []
+    # moto's GetSessionToken returns fixed credentials; what matters is that the
+    # session uses them (with their token), and the second run reuses them.
+    assert frozen.token and again.access_key == frozen.access_key
+
+
+def test_expired_mfa_session_with_the_used_code_fails_clearly(aws, user, caplog):
+    role = make_role(aws, user)
+    account = mfa_account(aws, user, role)
+    clock = Clock()
+    identity(account, clock=clock)
+    clock.advance(4000)              # the 1-hour session is over
+    with aws.recording() as calls:
+        with pytest.raises(auth.AuthError) as info:
+            auth.get_session(account, region='us-east-1', clock=clock)
+    message = str(info.value)
+    assert account['serial_number'] in message
+    assert 'expired at' in message and "account['token_code']" in message and 'fresh code' in message
+    assert '918273' not in message
+    assert sts_calls(calls) == [], 'a used code must never be sent again'
+
+
+def test_mfa_session_short_of_an_hour_warns(aws, user, caplog):
+    account = mfa_account(aws, user, duration_seconds=3000)
+    with caplog.at_level(logging.WARNING, logger='integration'):
+        auth.get_session(account, region='us-east-1')
+    assert any('expires at' in r.getMessage() and 'fresh code' in r.getMessage() for r in caplog.records)
+
+
+def test_fresh_code_after_expiry_starts_a_new_session(aws, user):
+    role = make_role(aws, user)
+    account = mfa_account(aws, user, role)
+    clock = Clock()
+    identity(account, clock=clock)
+    clock.advance(4000)
+    account['token_code'] = '654321'
+    with aws.recording() as calls:
+        auth.get_session(account, region='us-east-1', clock=clock)
+    (assume,) = sts_calls(calls, 'AssumeRole')
+    assert assume['params']['TokenCode'] == '654321'
+
+
+# -- the instance role (default chain) -------------------------------------------
+
+@pytest.fixture
+def imds(aws, user, monkeypatch):
+    role = make_role(aws, user)
+    creds = aws.assume(role, user, 'us-east-1')
+    server = ImdsServer(creds).start()
+    monkeypatch.setenv('AWS_EC2_METADATA_SERVICE_ENDPOINT', server.url)
+    yield server, role
+    server.stop()
+
+
+def test_instance_role_through_imdsv2(aws, imds):
+    server, role = imds
+    account = {'extra_tags': {'account_name': 'role for ec2'}}
+    session, ident = identity(account)
+    ec2_call(session)
+    assert ident['arn'].startswith(f"arn:aws:sts::123456789012:assumed-role/{role.split('/')[-1]}/")
+    assert ident['method'] == 'default_chain (iam-role)'
+    assert ('PUT', '/latest/api/token') in server.requests
+
+
+def test_imds_token_timeout_points_at_the_hop_limit(monkeypatch):
+    server = ImdsServer(None, hang_token=True).start()
+    monkeypatch.setenv('AWS_EC2_METADATA_SERVICE_ENDPOINT', server.url)
+    monkeypatch.setenv('AWS_EC2_METADATA_V1_DISABLED', 'true')
+    try:
+        with pytest.raises(auth.AuthError) as info:
+            auth.get_session({}, region='us-east-1')
+    finally:
+        server.stop()
+    assert 'hop limit to 2' in str(info.value) and 'timed out' in str(info.value)
+
+
+def test_no_imds_says_this_is_not_ec2():
+    with pytest.raises(auth.AuthError) as info:
+        auth.get_session({}, region='us-east-1')
+    assert 'not reachable' in str(info.value) and 'ak_id' in str(info.value)
+
+
+def test_role_assumed_from_the_instance_role(aws, imds, user):
+    _, base_role = imds
+    base_session = f"arn:aws:sts::123456789012:assumed-role/{base_role.split('/')[-1]}/instance"
+    target = aws.make_role(unique('target'), base_session, 'aws')
+    # The base role's sessions may assume the target role.
+    iam = aws.client('iam', 'us-east-1')
+    iam.put_role_policy(RoleName=base_role.split('/')[-1], PolicyName='assume',
+                        PolicyDocument=json.dumps(USER_POLICY))
+    _, ident = identity({'assume_role_arn': target})
+    assert ident['method'] == 'default_chain_assume_role'
+    assert f"assumed-role/{target.split('/')[-1]}/Integration" in ident['arn']
+
+
+# -- partitions and endpoints --------------------------------------------------
+
+def test_china_keys_work_in_cn_northwest_1(aws, cn_user):
+    with aws.recording() as calls:
+        session, ident = identity(account_of(cn_user), region='cn-northwest-1')
+    assert ident['partition'] == 'aws-cn' and ident['arn'].startswith('arn:aws-cn:iam::')
+    assert sts_calls(calls)[0]['region'] == 'cn-northwest-1'
+
+
+class RecordingProxy(socketserver.ThreadingTCPServer):
+    """An HTTPS proxy that records each CONNECT target and refuses it, so the
+    host botocore would reach is seen without reaching the internet."""
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self):
+        self.targets = []
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                line = self.rfile.readline().decode()
+                outer.targets.append(line.split()[1] if len(line.split()) > 1 else line)
+                self.wfile.write(b'HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n')
+        super().__init__(('127.0.0.1', 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize('region,host', [
+    ('cn-northwest-1', 'sts.cn-northwest-1.amazonaws.com.cn:443'),
+    ('cn-north-1', 'sts.cn-north-1.amazonaws.com.cn:443'),
+    ('us-gov-west-1', 'sts.us-gov-west-1.amazonaws.com:443'),
+])
+def test_sts_host_of_the_partition_without_endpoint_override(monkeypatch, region, host):
+    proxy = RecordingProxy()
+    monkeypatch.setenv('HTTPS_PROXY', f'http://127.0.0.1:{proxy.server_address[1]}')
+    monkeypatch.setenv('AWS_MAX_ATTEMPTS', '1')
+    partition = 'aws-cn' if region.startswith('cn') else 'aws-us-gov'
+    account = {'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'fake-secret-value-0000',
+               'assume_role_arn': f'arn:{partition}:iam::123456789012:role/reader'}
+    try:
+        with pytest.raises(auth.AuthError) as info:
+            auth.get_session(account, region=region)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxy.targets == [host]
+    assert 'fake-secret-value' not in str(info.value)
+
+
+def test_sts_endpoint_variable_is_honoured(emulator, user, monkeypatch):
+    monkeypatch.setenv('AWS_ENDPOINT_URL', 'http://127.0.0.1:9')     # nothing listens
+    monkeypatch.setenv('AWS_ENDPOINT_URL_STS', emulator.url)
+    session = auth.get_session(account_of(user), region='us-east-1')
+    assert auth.describe_identity(session, account_of(user))['arn'] == user['arn']
+
+
+def test_regions_of_two_partitions_are_a_config_error():
+    account = {'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'fake-secret-value-0000'}
+    with pytest.raises(auth.AccountConfigError) as info:
+        auth.get_session(account, regions=['us-east-1', 'cn-northwest-1'])
+    assert 'partitions' in str(info.value) and 'cn-northwest-1 (aws-cn)' in str(info.value)
+
+
+def test_role_of_another_partition_is_a_config_error():
+    account = {'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'fake-secret-value-0000',
+               'assume_role_arn': 'arn:aws:iam::123456789012:role/reader'}
+    with pytest.raises(auth.AccountConfigError, match="'aws-cn'"):
+        auth.get_session(account, region='cn-northwest-1')
+
+
+# -- caching and secrets -----------------------------------------------------------
+
+def test_cache_files_hold_no_long_term_secret(aws, user, tmp_path):
+    role = make_role(aws, user)
+    account = mfa_account(aws, user, role, code='246810')
+    identity(account)
+    cache_dir = tmp_path / 'state' / 'cache'
+    files = list(cache_dir.iterdir())
+    assert files
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        text = path.read_text()
+        assert user['ak_secret'] not in text and '246810' not in text
+        assert user['ak_id'] not in path.name and len(path.stem) == 64
+    assert stat.S_IMODE(cache_dir.stat().st_mode) == 0o700
+
+
+class FuncCache:
+    """DFF.CACHE as Func has it: Redis-like, values come back as strings."""
+
+    def __init__(self):
+        self.data = {}
+
+    def get(self, key, scope=None):
+        return self.data.get(key)
+
+    def set(self, key, value, scope=None, expire=None):
+        assert isinstance(value, str), 'DFF.CACHE takes strings'
+        self.data[key] = value
+
+    def delete(self, key, scope=None):
+        self.data.pop(key, None)
+
+
+class FuncDFF:
+    def __init__(self):
+        self.CACHE = FuncCache()
+
+
+def test_inside_func_dff_cache_is_used(aws, user, monkeypatch, tmp_path):
+    dff = FuncDFF()
+    monkeypatch.setattr(core, 'DFF', dff, raising=False)
+    role = make_role(aws, user)
+    identity(account_of(user, assume_role_arn=role))
+    assert dff.CACHE.data, 'the role session must be kept in DFF.CACHE'
+    for value in dff.CACHE.data.values():
+        json.loads(value)
+        assert user['ak_secret'] not in value
+    assert not (tmp_path / 'state' / 'cache').exists()
+
+
+def test_no_secret_in_logs_or_reprs_at_debug(aws, user, caplog):
+    role = make_role(aws, user, external_id='ext-secretless')
+    account = mfa_account(aws, user, role, code='135791')
+    logging.getLogger('botocore').setLevel(logging.DEBUG)   # the runner resets this
+    core.quiet_sdk_loggers()
+    with caplog.at_level(logging.DEBUG):
+        session, ident = identity(account)
+        ec2_call(session)
+    frozen = session.get_credentials().get_frozen_credentials()
+    secrets = [user['ak_secret'], '135791', frozen.secret_key, frozen.token]
+    # moto runs in this process and logs requests verbatim; it is not ours.
+    ours = '\n'.join(r.getMessage() for r in caplog.records if not r.name.startswith(('moto', 'werkzeug')))
+    assert ours, 'the debug log should say something'
+    text = ours + repr(session) + repr(session.get_credentials()) + json.dumps(ident)
+    for secret in secrets:
+        assert secret not in text
+    assert logging.getLogger('botocore').level == logging.WARNING
+    assert logging.getLogger('urllib3').level == logging.WARNING
+
+
+# -- bad input: one clear line, before any AWS call --------------------------------
+
+GOOD = {'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'SECRETexample0000000000000000000000000000'}
+ROLE = 'arn:aws:iam::123456789012:role/reader'
+SERIAL = 'arn:aws:iam::123456789012:mfa/alice'
+
+BAD_ACCOUNTS = [
+    ('not a dict', ['ak_id'], 'must be a dict'),
+    ('unknown key', {**GOOD, 'ak_secrte': 'x'}, "account['ak_secrte'] is not a known key; did you mean 'ak_secret'"),
+    ('unknown key far', {**GOOD, 'zzz': 'x'}, 'known keys:'),
+    ('ak_id without secret', {'ak_id': GOOD['ak_id']}, "account['ak_secret'] is missing"),
+    ('secret without ak_id', {'ak_secret': GOOD['ak_secret']}, "account['ak_id'] is missing"),
+    ('empty ak_id', {**GOOD, 'ak_id': ''}, "account['ak_id'] is empty"),
+    ('placeholder ak_id', {**GOOD, 'ak_id': '<AWS AK ID>'}, 'placeholder'),
+    ('placeholder secret', {**GOOD, 'ak_secret': '<AWS AK SECRET>'}, "account['ak_secret'] still holds the placeholder"),
+    ('ak_id not a string', {**GOOD, 'ak_id': 12345}, "account['ak_id'] must be a string"),
+    ('malformed ak_id', {**GOOD, 'ak_id': 'akia-lower'}, "account['ak_id'] is not an access key id"),
+    ('token without serial', {**GOOD, 'token_code': '918273'}, "account['serial_number'] is missing"),
+    ('serial without token', {**GOOD, 'serial_number': SERIAL}, "account['token_code'] is missing"),
+    ('token 5 digits', {**GOOD, 'serial_number': SERIAL, 'token_code': '12345'}, 'exactly 6 digits'),
+    ('token letters', {**GOOD, 'serial_number': SERIAL, 'token_code': '12a456'}, 'exactly 6 digits'),
+    ('token as int', {**GOOD, 'serial_number': SERIAL, 'token_code': 123456}, "write the code as '012345'"),
+    ('serial too short', {**GOOD, 'serial_number': 'abc', 'token_code': '918273'}, "account['serial_number'] must be"),
+    ('mfa without keys', {'serial_number': SERIAL, 'token_code': '918273'}, "account['ak_id'] is missing"),
+    ('malformed role', {**GOOD, 'assume_role_arn': 'arn:aws:iam::1234:role/x'}, "account['assume_role_arn'] is not a role ARN"),
+    ('user arn as role', {**GOOD, 'assume_role_arn': 'arn:aws:iam::123456789012:user/x'}, 'is not a role ARN'),
+    ('external id too short', {**GOOD, 'assume_role_arn': ROLE, 'external_id': 'x'}, "account['external_id'] must be 2-1224"),
+    ('external id bad chars', {**GOOD, 'assume_role_arn': ROLE, 'external_id': 'a b'}, "account['external_id']"),
+    ('session name too long', {**GOOD, 'assume_role_arn': ROLE, 'role_session_name': 'x' * 65}, "account['role_session_name'] must be 2-64"),
+    ('session name bad chars', {**GOOD, 'assume_role_arn': ROLE, 'role_session_name': 'a b'}, "account['role_session_name']"),
+    ('external id without role', {**GOOD, 'external_id': 'abc'}, "account['assume_role_arn'] is missing"),
+    ('duration without session', {**GOOD, 'duration_seconds': 3600}, "account['duration_seconds'] only applies"),
+    ('duration too short', {**GOOD, 'assume_role_arn': ROLE, 'duration_seconds': 60}, 'between 900 and 43200'),
+    ('duration too long mfa', {**GOOD, 'serial_number': SERIAL, 'token_code': '918273', 'duration_seconds': 200000}, 'between 900 and 129600'),
+    ('duration as string', {**GOOD, 'assume_role_arn': ROLE, 'duration_seconds': '3600'}, 'whole number'),
+    ('extra_tags not dict', {**GOOD, 'extra_tags': ['a']}, "account['extra_tags'] must be a dict"),
+    ('extra_tags value not str', {**GOOD, 'extra_tags': {'team': 5}}, "account['extra_tags']['team'] must be a string"),
+    ('extra_tags cloud_provider', {**GOOD, 'extra_tags': {'cloud_provider': 'x'}}, "must not contain 'cloud_provider'"),
+    ('extra_tags empty key', {**GOOD, 'extra_tags': {'': 'x'}}, 'keys must be non-empty'),
+]
+
+
+@pytest.mark.parametrize('case,account,expected', BAD_ACCOUNTS, ids=[c[0] for c in BAD_ACCOUNTS])
+def test_bad_account(aws, case, account, expected):
+    with aws.recording() as calls:
+        with pytest.raises(auth.AccountConfigError) as info:
+            auth.get_session(account, region='us-east-1')
+    message = str(info.value)
+    assert expected in message
+    assert '\n' not in message
+    assert GOOD['ak_secret'] not in message
+    assert not ('token_code' in (account if isinstance(account, dict) else {})
+                and str(account['token_code']) in message)
+    assert calls == [], 'no AWS call may be made for a bad account'
+    assert isinstance(info.value, ValueError)
+
+
+def test_blank_optional_values_count_as_absent():
+    account = {**GOOD, 'assume_role_arn': ROLE, 'external_id': '', 'role_session_name': ''}
+    assert auth.validate_account(account) == {**GOOD, 'assume_role_arn': ROLE}
+    assert auth.auth_method(account) == 'assume_role'
