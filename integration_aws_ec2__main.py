@@ -244,8 +244,10 @@ class DataCollector:
             resp = client.describe_regions(AllRegions=False)
         except (ClientError, BotoCoreError) as e:
             raise auth.AuthError(f"regions ['*']: {explain_error(e, home)}") from None
+        # Real AWS lists only the partition's regions; emulators may list all.
         regions = sorted(r['RegionName'] for r in resp['Regions']
-                         if r.get('OptInStatus') != 'not-opted-in')
+                         if r.get('OptInStatus') != 'not-opted-in'
+                         and auth.partition_of(r['RegionName']) == self.partition)
         LOG.info("[AWS EC2] regions ['*'] in %s: %d enabled region(s)", self.partition, len(regions))
         return regions
 
