@@ -549,6 +549,8 @@ def _lp_timestamp(value):
     """Seconds, milliseconds or nanoseconds (by magnitude), or a datetime -> ns."""
     if isinstance(value, datetime.datetime):
         return int(value.timestamp() * 1e9)
+    if isinstance(value, int) and value >= 1e14:
+        return value          # already nanoseconds; a float would lose the last digits
     value = float(value)
     if value < 1e11:
         return int(value * 1e9)
@@ -583,9 +585,10 @@ def default_cache():
 class LocalDFF:
     """What a startup script needs of DFF, outside Func."""
 
-    def __init__(self, datakit_url=None, output=None, cache=None):
+    def __init__(self, datakit_url=None, output=None, cache=None, sleep=time.sleep):
         self.datakit_url = datakit_url or os.environ.get('DATAKIT_URL') or DEFAULT_DATAKIT_URL
         self.output = output
+        self.sleep = sleep
         self.CACHE = cache or FileCache()
         self.apis = []
 
@@ -603,7 +606,7 @@ class LocalDFF:
     def SRC(self, connector_id='datakit', **_):
         if self.output is not None:
             return self.output
-        return DataKitClient(self.datakit_url)
+        return DataKitClient(self.datakit_url, sleep=self.sleep)
 
     CONN = SRC
 
@@ -718,22 +721,42 @@ def quiet_sdk_loggers():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is now (Func and test runners swap it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter('[%(levelname)s] %(message)s'))
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _attach_stdout_handler(logger):
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+
+
 @contextlib.contextmanager
 def log_to_stdout():
-    """Func shows what a script prints: send our log lines there, once."""
+    """Func shows what a script prints: send our log lines there, unless the
+    application configured logging itself."""
     root = logging.getLogger('integration')
     if root.handlers or logging.getLogger().handlers:
         yield
         return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter('[%(levelname)s] %(message)s'))
-    root.addHandler(handler)
+    _attach_stdout_handler(root)
     if root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        root.handlers = [h for h in root.handlers if not isinstance(h, _StdoutHandler)]
 
 
 # --------------------------------------------------------------------------
@@ -792,10 +815,7 @@ def _add_target(p):
 
 def _setup_logging(verbose):
     root = logging.getLogger('integration')
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter('[%(levelname)s] %(message)s'))
-        root.addHandler(handler)
+    _attach_stdout_handler(root)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     quiet_sdk_loggers()
 
@@ -973,7 +993,7 @@ class Scheduler:
         try:
             while not self.stop.is_set():
                 now = self.clock()
-                self._reap(now)
+                self._reap()
                 for api in self.apis:
                     if now >= self.next_fire[api['name']]:
                         self.next_fire[api['name']] = self._next(api, now)
@@ -1001,10 +1021,12 @@ class Scheduler:
         proc = multiprocessing.get_context('fork').Process(
             target=_child_run, args=(api, self.verbose), daemon=True)
         proc.start()
-        self.running[name] = (proc, now + api['timeout'])
+        # A duration, so measured on the monotonic clock, not the schedule's.
+        self.running[name] = (proc, time.monotonic() + api['timeout'])
         self.history.append((name, 'started'))
 
-    def _reap(self, now):
+    def _reap(self):
+        now = time.monotonic()
         for name, (proc, deadline) in list(self.running.items()):
             if not proc.is_alive():
                 proc.join()

@@ -120,3 +120,42 @@ def account_of(creds, **extra):
 
 def sts_calls(calls, action=None):
     return [c for c in calls if c['service'] == 'sts' and (action is None or c['action'] == action)]
+
+
+@pytest.fixture
+def seed_estate(aws, monkeypatch):
+    """What the seed's four startup scripts need, in aws-cn: a user, a role with
+    an ExternalId, an MFA device, an instance role behind a test IMDS, and
+    instances in cn-northwest-1. Returns the placeholder values."""
+    from demo_emulator import ImdsServer
+    ids = aws.run_instances('cn-northwest-1', 3, name=unique('seed'))
+    user = aws.make_user(unique('collector'), 'aws-cn', policy=USER_POLICY)
+    external_id = unique('ext')
+    role = aws.make_role(unique('reader'), user['arn'], 'aws-cn', external_id=external_id)
+    serial = aws.make_mfa_device(user['arn'].split('/')[-1], 'aws-cn')
+    instance_role = aws.make_role(unique('instance'), user['arn'], 'aws-cn')
+    imds = ImdsServer(aws.assume(instance_role, user, 'cn-northwest-1')).start()
+    monkeypatch.setenv('AWS_EC2_METADATA_SERVICE_ENDPOINT', imds.url)
+    values = {
+        '<AWS AK ID>': user['ak_id'], '<AWS AK SECRET>': user['ak_secret'],
+        '<AWS ASSUME ROLE ARN>': role, '<AWS EXTERNAL ID>': external_id,
+        '<AWS ROLE SESSION NAME>': 'Integration', '<MFA DEVICE NUMBER>': serial,
+        '<MFA TOTP>': '918273', 'ids': ids, 'user': user, 'role': role,
+        'instance_role': instance_role,
+    }
+    yield values
+    imds.stop()
+
+
+@pytest.fixture
+def write_script(tmp_path):
+    """Write a startup script (from scripts/ with placeholders filled, or text)."""
+    from demo_emulator import fill_placeholders
+
+    def write(name_or_text, values=None, filename=None):
+        path = os.path.join(ROOT, 'scripts', name_or_text)
+        text = open(path, encoding='utf-8').read() if os.path.exists(path) else name_or_text
+        target = tmp_path / (filename or (name_or_text if os.path.exists(path) else 'script.py'))
+        target.write_text(fill_placeholders(text, values or {}))
+        return str(target)
+    return write

@@ -93,7 +93,8 @@ class DataKitReceiver(_Server):
         """The `name` tag of every point received (at least once)."""
         out = []
         for line in self.lines:
-            match = re.search(r'(?:^|,)name=((?:\\.|[^,\s])+)', line.split(' ')[0] if ' ' in line else line)
+            series = re.split(r'(?<!\\) ', line, maxsplit=1)[0]   # up to the first unescaped space
+            match = re.search(r',name=((?:\\.|[^,\s])+)', series)
             if match:
                 out.append(match.group(1))
         return out

@@ -1,0 +1,527 @@
+"""The Runner, DataKit delivery, line protocol through a real InfluxDB 1.x, and
+the local runtime's command line."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import integration_core__runner as core
+from conftest import ROOT
+from influx import Influx
+from servers import DataKitReceiver
+
+
+# -- line protocol through a real InfluxDB 1.x ------------------------------------
+
+@pytest.fixture(scope='session')
+def influx():
+    if not shutil.which('influxd'):
+        pytest.fail('influxd is missing: ./run-tests.sh installs Debian\'s influxdb')
+    server = Influx()
+    yield server
+    server.stop()
+
+
+HOSTILE = [
+    'plain', 'with space', 'comma,inside', 'equals=inside', 'double "quotes"',
+    "single 'quotes'", 'back\\slash in the middle', 'C:\\Windows\\path', 'unicode ☃ é 中文 🚀',
+    '  leading and trailing  ', 'tab\there', '#hash', 'x=1,y=2 z',
+]
+FIELD_ONLY = [
+    'line one\nline two', '{"json": "with \\n escaped newline", "q": "\\"x\\""}',
+    '{\n  "pretty": "json"\n}', 'ends with backslash \\', '\\"', '', 'back\\ slash before space',
+]
+
+
+def test_line_protocol_round_trip_through_influxdb(influx):
+    points = []
+    for index, text in enumerate(HOSTILE):
+        points.append({'measurement': f'aws ec2,{index}', 'timestamp': 1700000000000000000 + index,
+                       'tags': {'name': f'i-{index}', 'hostile': text, f'key {text}': 'v'},
+                       'fields': {'text': text, f'field {text}': 1.5, 'n': index, 'ok': True}})
+    for index, text in enumerate(FIELD_ONLY, len(HOSTILE)):
+        points.append({'measurement': f'aws ec2,{index}', 'timestamp': 1700000000000000000 + index,
+                       'tags': {'name': f'i-{index}'}, 'fields': {'text': text}})
+    body = '\n'.join(core.to_line_protocol(p) for p in points)
+    status, error = influx.write(body)
+    assert status == 204, error
+    for point in points:
+        (row,) = influx.rows(point['measurement'])
+        assert row['time'] == point['timestamp']
+        for key, value in point['tags'].items():
+            assert row[key] == value, (key, value, row[key])
+        for key, value in point['fields'].items():
+            assert row[key] == value, (key, value, row[key])
+
+
+def test_tag_normalisation_never_breaks_a_line(influx):
+    """What 1.x cannot carry in a tag (newlines, a trailing backslash) is
+    normalised; the line and its neighbours still parse."""
+    point = {'measurement': 'normalised', 'timestamp': 1700000000000000001,
+             'tags': {'name': 'n', 'nl': 'a\nb', 'tail': 'c\\', 'empty': ''},
+             'fields': {'f': 'x'}}
+    line = core.to_line_protocol(point)
+    assert '\n' not in line and 'empty=' not in line
+    status, error = influx.write(line + '\nnormalised,name=m f="y" 1700000000000000002')
+    assert status == 204, error
+    rows = influx.rows('normalised')
+    assert len(rows) == 2 and rows[0]['nl'] == 'a b' and rows[0]['tail'] == 'c'
+
+
+def test_field_types():
+    line = core.to_line_protocol({'measurement': 'm', 'tags': {'name': 'a'},
+                                  'fields': {'i': 3, 'f': 2.5, 'b': False, 's': 'x', 'd': {'k': 1},
+                                             'none': None}, 'timestamp': 1700000000})
+    assert line == 'm,name=a i=3i,f=2.5,b=false,s="x",d="{\\"k\\": 1}" 1700000000000000000'
+    with pytest.raises(ValueError, match='no fields'):
+        core.to_line_protocol({'measurement': 'm', 'tags': {'name': 'a'}, 'fields': {}})
+    with pytest.raises(ValueError, match='NaN'):
+        core.to_line_protocol({'measurement': 'm', 'fields': {'x': float('nan')}})
+
+
+# -- the Runner with a collector of its own --------------------------------------
+
+class FakeCollector:
+    """A collector as the Runner sees one: points and per-region results."""
+    category = 'custom_object'
+    min_interval = 900
+
+    def __init__(self, count=5, prefix='i', fail_region=None, identity_error=None,
+                 title='Fake', field_size=10, state_key=None):
+        self.count = count
+        self.prefix = prefix
+        self.fail_region = fail_region
+        self.identity_error = identity_error
+        self.title = title
+        self.field_size = field_size
+        self.state_key = state_key or f'fake:{prefix}'
+        self.results = []
+        self.collected = 0
+
+    def identity(self):
+        if self.identity_error:
+            raise RuntimeError(self.identity_error)
+        return {'method': 'access_key', 'account_id': '123456789012',
+                'arn': 'arn:aws:iam::123456789012:user/fake', 'partition': 'aws'}
+
+    def collect(self):
+        self.collected += 1
+        self.results = [{'region': 'us-east-1', 'instances': self.count, 'pages': 1,
+                         'api_calls': 1, 'seconds': 0.1, 'error': None}]
+        if self.fail_region:
+            self.results.append({'region': self.fail_region, 'instances': 0, 'pages': 0,
+                                 'api_calls': 1, 'seconds': 0.1,
+                                 'error': 'ec2:DescribeInstances: AuthFailure: not enabled'})
+        for n in range(self.count):
+            yield {'measurement': 'aws_ec2', 'tags': {'name': f'{self.prefix}-{n}'},
+                   'fields': {'message': 'x' * self.field_size}, 'timestamp': 1700000000000000000}
+
+    def check(self):
+        return [{'region': 'us-east-1', 'ok': True, 'reason': 'fine'}]
+
+
+@pytest.fixture
+def receiver():
+    server = DataKitReceiver()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def local(monkeypatch, receiver):
+    """The local runtime writing to the receiver, retries without waiting."""
+    dff = core.LocalDFF(datakit_url=receiver.url, sleep=no_wait)
+    monkeypatch.setitem(core._RUNTIME, 'dff', dff)
+    return dff
+
+
+def no_wait(seconds):
+    pass
+
+
+def test_batches_of_100_to_the_custom_object_endpoint(local, receiver, caplog):
+    caplog.set_level('INFO', logger='integration')
+    summary = core.Runner(FakeCollector(250)).run()
+    assert summary['points_written'] == 250 and summary['ok']
+    assert [len(r[3]) for r in receiver.requests] == [100, 100, 50]
+    path, query, headers, _ = receiver.requests[0]
+    assert path == '/v1/write/custom_object'
+    assert query['precision'] == 'ns' and query['input']
+    assert sorted(receiver.names()) == sorted(f'i-{n}' for n in range(250))
+    log = caplog.text
+    assert f'DataKit connector: datakit ({receiver.url})' in log
+    assert 'account 123456789012 (aws) as arn:aws:iam::123456789012:user/fake via access_key' in log
+    assert 'us-east-1: 250 instance(s), 1 page(s), 1 API call(s)' in log
+    assert '250 point(s) collected, 250 written' in log
+
+
+def test_large_bodies_are_gzipped(local, receiver):
+    core.Runner(FakeCollector(100, field_size=1000)).run()
+    headers = receiver.requests[0][2]
+    assert headers.get('Content-Encoding') == 'gzip'
+    assert len(receiver.names()) == 100
+
+
+def test_retries_on_5xx_429_and_a_dropped_connection(local, receiver):
+    receiver.script = [500, 429, 'close']
+    summary = core.Runner(FakeCollector(10)).run()
+    assert summary['points_written'] == 10
+    assert receiver.attempts == 4 and len(receiver.names()) == 10
+
+
+def test_rejected_point_is_dead_lettered_and_the_rest_delivered(local, receiver, tmp_path):
+    receiver.script = [('reject_names', ['i-7'])] * 20
+    with pytest.raises(core.RunFailed) as info:
+        core.Runner(FakeCollector(10)).run()
+    assert sorted(receiver.names()) == sorted(f'i-{n}' for n in range(10) if n != 7)
+    (dead,) = list((tmp_path / 'state' / 'deadletter' / 'datakit').iterdir())
+    entry = json.loads(dead.read_text())
+    assert [p['tags']['name'] for p in entry['points']] == ['i-7']
+    assert entry['status'] == 400 and 'invalidLinePoint' in entry['error']
+    assert stat.S_IMODE(dead.stat().st_mode) == 0o600
+    assert '1 point(s) not delivered' in str(info.value)
+    assert info.value.summary['points_dead_lettered'] == 1
+
+
+def test_datakit_down_spools_and_the_next_run_sends_first(monkeypatch, tmp_path):
+    down = core.LocalDFF(datakit_url='http://127.0.0.1:9', sleep=no_wait)   # nothing listens
+    monkeypatch.setitem(core._RUNTIME, 'dff', down)
+    with pytest.raises(core.RunFailed) as info:
+        core.Runner(FakeCollector(150, prefix='a')).run()
+    assert '150 point(s) not delivered' in str(info.value) and 'unreachable' in str(info.value)
+    spool = tmp_path / 'state' / 'spool' / 'datakit'
+    files = [p for p in spool.iterdir() if p.suffix == '.json']
+    assert len(files) == 2 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+
+    receiver = DataKitReceiver()
+    try:
+        monkeypatch.setitem(core._RUNTIME, 'dff', core.LocalDFF(datakit_url=receiver.url, sleep=no_wait))
+        summary = core.Runner(FakeCollector(5, prefix='b')).run()
+    finally:
+        receiver.stop()
+    names = receiver.names()
+    assert sorted(names[:150]) == sorted(f'a-{n}' for n in range(150)), 'spooled points go first'
+    assert sorted(names[150:]) == sorted(f'b-{n}' for n in range(5))
+    assert summary['points_written'] == 155
+    assert not [p for p in spool.iterdir() if p.suffix == '.json']
+
+
+def test_slow_datakit_is_retried_after_a_timeout(monkeypatch, receiver):
+    receiver.script = [('slow', 2)]
+    client = core.DataKitClient(receiver.url, timeout=0.5, sleep=no_wait)
+    status, _ = client.write_by_category_many('custom_object', [
+        {'measurement': 'm', 'tags': {'name': 'slow'}, 'fields': {'f': 1}}])
+    assert status == 200 and receiver.attempts == 2
+
+
+def test_debug_collects_but_writes_nothing(local, receiver, tmp_path):
+    summary = core.Runner(FakeCollector(20), debug=True).run()
+    assert summary['points_collected'] == 20 and summary['points_written'] == 0
+    assert receiver.attempts == 0
+
+
+def test_fresh_collection_is_skipped_unless_forced(local, receiver, monkeypatch, caplog):
+    caplog.set_level('INFO', logger='integration')
+    first = FakeCollector(3)
+    core.Runner(first).run()
+    second = FakeCollector(3)
+    summary = core.Runner(second).run()
+    assert second.collected == 0 and summary['collectors'][0]['status'] == 'skipped'
+    assert 'skipped: last collection' in caplog.text and 'INTEGRATION_FORCE=1' in caplog.text
+    core.Runner(second, force=True).run()
+    monkeypatch.setenv('INTEGRATION_FORCE', '1')
+    core.Runner(second).run()
+    assert second.collected == 2
+
+
+def test_one_failure_does_not_stop_the_others_and_is_raised_once(local, receiver, caplog):
+    caplog.set_level('INFO', logger='integration')
+    collectors = [FakeCollector(2, prefix='a', identity_error='InvalidClientTokenId: revoked'),
+                  FakeCollector(3, prefix='b', fail_region='ap-east-1'),
+                  FakeCollector(4, prefix='c')]
+    with pytest.raises(core.RunFailed) as info:
+        core.Runner(collectors).run()
+    assert sorted(receiver.names()) == sorted(['b-0', 'b-1', 'b-2', 'c-0', 'c-1', 'c-2', 'c-3'])
+    message = str(info.value)
+    assert '#1 Fake: account: RuntimeError: InvalidClientTokenId: revoked' in message
+    assert '#2 Fake: 1 region(s) failed: ap-east-1' in message
+    statuses = [c['status'] for c in info.value.summary['collectors']]
+    assert statuses == ['failed', 'failed', 'ok']
+    assert caplog.text.count('InvalidClientTokenId') == 1
+    assert 'ap-east-1 FAILED: ec2:DescribeInstances: AuthFailure' in caplog.text
+
+
+def test_inside_func_the_real_dff_is_used(monkeypatch):
+    """Func injects DFF; its connector's write_by_category_many is what runs."""
+    written = []
+
+    class Connector:
+        def write_by_category_many(self, category, data):
+            written.append((category, len(data)))
+            return 200, ''
+
+    class Func:
+        CACHE = core.FileCache()
+
+        @staticmethod
+        def SRC(connector_id):
+            assert connector_id == 'my_datakit'
+            return Connector()
+
+    monkeypatch.setattr(core, 'DFF', Func, raising=False)
+    core.Runner(FakeCollector(120), datakit_id='my_datakit').run()
+    assert written == [('custom_object', 100), ('custom_object', 20)]
+
+
+# -- the local DFF --------------------------------------------------------------------
+
+def test_file_cache_honours_expiry_and_is_private(tmp_path):
+    now = [1000.0]
+    cache = core.FileCache(str(tmp_path), clock=lambda: now[0])
+    cache.set('k', {'a': 1}, expire=10)
+    assert cache.get('k') == "{'a': 1}"
+    (path,) = list((tmp_path / 'cache').iterdir())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and 'k' not in path.name
+    now[0] += 11
+    assert cache.get('k') is None
+
+
+@pytest.mark.parametrize('options,expected', [
+    ({'fixed_crontab': '*/15 * * * * *'}, 'must have 5 fields'),
+    ({'fixed_crontab': '61 * * * *'}, 'not a valid crontab'),
+    ({'timeout': 0}, 'timeout must be a whole number of seconds from 1 to 3600'),
+    ({'timeout': 3601}, 'from 1 to 3600'),
+    ({'timeout': 'long'}, 'from 1 to 3600'),
+])
+def test_dff_api_options_are_validated(options, expected):
+    with pytest.raises(core.ConfigError, match=expected):
+        core.LocalDFF().API('AWS-EC2 Collection', **options)
+
+
+def test_env_reads_the_environment(monkeypatch):
+    monkeypatch.setenv('MY_SETTING', '{"a": 1}')
+    monkeypatch.setenv('PLAIN', 'text')
+    assert core.LocalDFF.ENV('MY_SETTING') == {'a': 1}
+    assert core.LocalDFF.ENV('PLAIN') == 'text' and core.LocalDFF.ENV('MISSING') is None
+
+
+# -- the command line -------------------------------------------------------------------
+
+def cli(*args, env=None, timeout=120):
+    """`python -m integration_core__runner ...` as a user runs it."""
+    return subprocess.run([sys.executable, '-m', 'integration_core__runner', *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+SEED_SCRIPTS = ['1_iam_user.py', '2_assume_role.py', '3_mfa.py', '4_instance_role.py']
+
+
+@pytest.mark.parametrize('name', SEED_SCRIPTS)
+def test_seed_scripts_run_unmodified(seed_estate, write_script, receiver, name):
+    path = write_script(name, seed_estate)
+    result = cli('run', path, '--datakit', receiver.url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(seed_estate['ids']) <= set(receiver.names())
+    assert 'cloud_provider=AWS' in receiver.lines[0]
+    out = result.stdout
+    expected_arn = {
+        '1_iam_user.py': seed_estate['user']['arn'],
+        '2_assume_role.py': f"assumed-role/{seed_estate['role'].split('/')[-1]}/Integration",
+        '3_mfa.py': f"assumed-role/{seed_estate['role'].split('/')[-1]}/Integration",
+        '4_instance_role.py': f"assumed-role/{seed_estate['instance_role'].split('/')[-1]}/",
+    }[name]
+    assert expected_arn in out and 'account 123456789012 (aws-cn)' in out
+    assert 'cn-northwest-1: ' in out and 'instance(s)' in out
+    if name == '4_instance_role.py':
+        assert all('account_name=role\\ for\\ ec2' in line for line in receiver.lines)
+    for secret in (seed_estate['<AWS AK SECRET>'], seed_estate['<MFA TOTP>']):
+        assert secret not in out + result.stderr
+
+
+def test_scripts_match_the_seed_page():
+    """Character for character apart from placeholders and indentation."""
+    seed = open(os.path.join(ROOT, '..', 'shared', 'seed', '000_17d36fb815bf6420.txt'),
+                encoding='utf-8').read() if os.path.exists(
+        os.path.join(ROOT, '..', 'shared', 'seed')) else None
+    for name in SEED_SCRIPTS:
+        text = open(os.path.join(ROOT, 'scripts', name), encoding='utf-8').read()
+        assert "@DFF.API('AWS-EC2 Collection', timeout=3600, fixed_crontab='*/15 * * * *')" in text
+        assert 'from integration_core__runner import Runner' in text
+        assert 'import integration_aws_ec2__main as main' in text
+        if seed:
+            for line in text.splitlines():
+                squashed = ' '.join(line.split())
+                if squashed and not squashed.startswith('#'):
+                    assert squashed in ' '.join(seed.split()), (name, line)
+
+
+def test_output_prints_line_protocol(seed_estate, write_script):
+    path = write_script('1_iam_user.py', seed_estate)
+    result = cli('run', path, '--output', '-')
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if l.startswith('aws_ec2,')]
+    assert len(lines) >= 3 and all('cloud_provider=AWS' in l for l in lines)
+
+
+def test_check_prints_a_table_and_writes_nothing(seed_estate, write_script, receiver):
+    path = write_script('2_assume_role.py', seed_estate)
+    result = cli('check', path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '#1  identity' in result.stdout and 'OK' in result.stdout
+    assert '#1  cn-northwest-1  OK    ec2:DescribeInstances allowed' in result.stdout
+    assert receiver.attempts == 0
+
+
+def test_check_reports_failure(seed_estate, write_script):
+    values = dict(seed_estate, **{'<AWS EXTERNAL ID>': 'wrong-external-id'})
+    result = cli('check', write_script('2_assume_role.py', values))
+    assert result.returncode == 1
+    assert 'FAIL' in result.stdout and 'AccessDenied' in result.stdout
+
+
+def test_unreachable_datakit_exits_non_zero(seed_estate, write_script):
+    path = write_script('1_iam_user.py', seed_estate)
+    result = cli('run', path, '--datakit', 'http://127.0.0.1:9')
+    assert result.returncode == 1
+    assert 'DataKit unreachable' in result.stdout and 'spooled' in result.stdout
+    assert 'Traceback' not in result.stdout + result.stderr
+
+
+BAD_SCRIPTS = [
+    ('x = 1\n', 'no function decorated with @DFF.API'),
+    ("@DFF.API('t', fixed_crontab='0 */15 * * * *')\ndef run():\n    pass\n", 'must have 5 fields'),
+    ("@DFF.API('t', timeout=0)\ndef run():\n    pass\n", 'from 1 to 3600'),
+    ("@DFF.API('t', timeout=7200)\ndef run():\n    pass\n", 'from 1 to 3600'),
+    ("raise RuntimeError('boom at import')\n", 'the script failed while loading: RuntimeError: boom at import (line 1)'),
+    ("import no_such_module_here\n", "No module named 'no_such_module_here'"),
+    ("def broken(:\n", 'syntax error'),
+]
+
+
+@pytest.mark.parametrize('text,expected', BAD_SCRIPTS, ids=[e for _, e in BAD_SCRIPTS])
+def test_bad_scripts_get_one_line_and_exit_2(write_script, text, expected):
+    result = cli('run', write_script(text))
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert 'Traceback' not in result.stderr + result.stdout
+
+
+def test_missing_script_and_unknown_func(write_script):
+    result = cli('run', '/nonexistent/script.py')
+    assert result.returncode == 2 and 'no such startup script' in result.stderr
+    ok = write_script("@DFF.API('t')\ndef run():\n    pass\n")
+    result = cli('run', ok, '--func', 'other')
+    assert result.returncode == 2 and "no @DFF.API function named 'other'" in result.stderr
+
+
+def test_bad_account_in_a_script_exits_2_before_any_call(aws, write_script):
+    text = open(os.path.join(ROOT, 'scripts', '1_iam_user.py')).read().replace(
+        '"ak_secret"', '"ak_secrte"')
+    with aws.recording() as calls:
+        result = cli('run', write_script(text, {'<AWS AK ID>': 'AKIAEXAMPLE000000001',
+                                                '<AWS AK SECRET>': 'SECRETVALUE0000000000000'}))
+    assert result.returncode == 2
+    assert "account['ak_secrte'] is not a known key; did you mean 'ak_secret'?" in result.stdout + result.stderr
+    assert 'SECRETVALUE' not in result.stdout + result.stderr
+    assert calls == []
+
+
+def test_a_run_past_its_timeout_is_stopped(write_script):
+    text = "import time\n@DFF.API('slow', timeout=1)\ndef run():\n    time.sleep(30)\n"
+    started = time.monotonic()
+    result = cli('run', write_script(text))
+    assert result.returncode == 1 and 'stopped after its timeout of 1 s' in result.stdout
+    assert time.monotonic() - started < 20
+
+
+# -- serve: the crontab ---------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self, start):
+        self.now = start
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            return self.now
+
+    def set(self, value):
+        with self.lock:
+            self.now = value
+
+
+def wait_for(predicate, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_serve_fires_on_the_crontab_and_skips_an_overlapping_tick(tmp_path):
+    marker = tmp_path / 'runs'
+    marker.mkdir()
+
+    def job():
+        (marker / str(time.time_ns())).write_text('x')
+        time.sleep(1.5)
+
+    api = {'title': 'job', 'name': 'job', 'timeout': 30, 'fixed_crontab': '* * * * *', 'func': job}
+    clock = FakeClock(1_800_000_030.0)           # 30 s past a minute
+    scheduler = core.Scheduler([api], clock=clock, tick=0.05)
+    thread = threading.Thread(target=scheduler.serve, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        assert scheduler.history == []           # not yet the next minute
+        clock.set(1_800_000_060.0)
+        assert wait_for(lambda: ('job', 'started') in scheduler.history)
+        clock.set(1_800_000_120.0)               # next minute while the first still runs
+        assert wait_for(lambda: ('job', 'skipped') in scheduler.history)
+        assert wait_for(lambda: ('job', 'exit 0') in scheduler.history)
+        clock.set(1_800_000_180.0)
+        assert wait_for(lambda: scheduler.history.count(('job', 'started')) == 2)
+    finally:
+        scheduler.stop.set()
+        thread.join(15)
+    assert len(list(marker.iterdir())) == 2
+
+
+def test_serve_kills_a_run_past_its_timeout():
+    api = {'title': 'hang', 'name': 'hang', 'timeout': 1, 'fixed_crontab': '* * * * *',
+           'func': lambda: time.sleep(60)}
+    clock = FakeClock(1_800_000_059.0)
+    scheduler = core.Scheduler([api], clock=lambda: clock() + 0, tick=0.05)
+    thread = threading.Thread(target=scheduler.serve, daemon=True)
+    thread.start()
+    try:
+        clock.set(1_800_000_060.0)
+        assert wait_for(lambda: ('hang', 'started') in scheduler.history)
+        assert wait_for(lambda: ('hang', 'killed') in scheduler.history)
+    finally:
+        scheduler.stop.set()
+        thread.join(15)
+
+
+def test_serve_stops_cleanly_on_sigterm(write_script):
+    path = write_script("@DFF.API('t', fixed_crontab='*/15 * * * *')\ndef run():\n    pass\n")
+    proc = subprocess.Popen([sys.executable, '-m', 'integration_core__runner', 'serve', path],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert 'next run at' in out and 'stopping' in out
