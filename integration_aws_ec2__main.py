@@ -4,8 +4,8 @@ DataFlux custom objects (measurement `aws_ec2`).
 Public entry points
     DataCollector(account, configs, filters=None, after_collect=None)
         The startup scripts' `main.DataCollector(account, collector_configs)`.
-        The constructor validates and does no I/O; the Runner calls identity(),
-        collect() and reads `results`.
+        The constructor validates and does no I/O; the Runner calls start(),
+        identity(), collect() and reads `results` (cancel() if the account fails).
     instance_to_point(instance, region, extra_tags, timestamp) -> point dict
         The pure transform of one described instance.
 
@@ -30,13 +30,14 @@ sts:GetCallerIdentity (always allowed), plus what the account's method needs
 """
 import datetime
 import difflib
+import gc
 import hashlib
 import json
 import logging
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -50,6 +51,7 @@ MEASUREMENT = 'aws_ec2'
 CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempts')
 DEFAULTS = {'page_size': 1000, 'retry_mode': 'adaptive', 'max_attempts': 8}
 MAX_CONCURRENCY = 32
+GC_THRESHOLD = 50000
 TAG_VALUE_MAX_BYTES = 1024
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
@@ -97,6 +99,8 @@ class DataCollector:
         self.results = []
         self._session = None
         self._identity = None
+        self._pending_identity = None
+        self._run = None
 
     def __repr__(self):
         return (f'<DataCollector aws_ec2 method={auth.auth_method(self.account)} '
@@ -111,10 +115,14 @@ class DataCollector:
     # -- what the Runner calls -------------------------------------------------
 
     def identity(self):
-        """The account in use (method, account id, ARN, partition): one sts call."""
+        """The account in use (method, account id, ARN, partition): one sts call,
+        already under way in the background when start() ran."""
         if self._identity is None:
-            session = self.session()
-            self._identity = auth.describe_identity(session, self.account, cache=self.cache)
+            pending, self._pending_identity = self._pending_identity, None
+            if pending is not None:
+                self._identity = pending.result()
+            else:
+                self._identity = auth.describe_identity(self.session(), self.account, cache=self.cache)
         return self._identity
 
     def session(self):
@@ -130,32 +138,64 @@ class DataCollector:
                 cache=self.cache, clock=self.clock)
         return self._session
 
+    def start(self):
+        """Begin collecting in the background: the Runner calls this before
+        identity(), so the identity call overlaps the regions' first pages."""
+        if self._run is not None:
+            return
+        session = self.session()
+        if self._identity is None:
+            # Its network wait overlaps the making of the region clients below.
+            sts = session.client('sts', region_name=session.region_name)
+            self._pending_identity = _in_background(
+                auth.describe_identity, session, self.account, cache=self.cache, client=sts)
+        regions = self._resolve_regions(session)
+        self.results = [_new_result(r) for r in regions]
+        workers = min(self.configs.get('concurrency') or MAX_CONCURRENCY, len(regions)) or 1
+        run = {
+            'timestamp': time.time_ns(),
+            'regions': {r['region']: r for r in self.results},
+            'pages': queue.Queue(),
+            # A parsed page of 1000 instances is tens of MB: at most one page per
+            # worker plus the one being written exists at a time, whatever the
+            # estate's size. Parsing, the slow stage, never waits for it.
+            'slots': threading.Semaphore(workers + 1),
+            'stop': threading.Event(),
+            'pool': ThreadPoolExecutor(max_workers=workers, thread_name_prefix='ec2'),
+            'gc': _relax_gc(),
+        }
+        self._run = run
+        config = self._client_config()
+        for result in self.results:
+            # Clients come from the one session (not thread-safe to create),
+            # each region starting as soon as its client exists.
+            client = session.client('ec2', region_name=result['region'], config=config)
+            run['pool'].submit(self._fetch_region, client, result, run)
+
     def collect(self):
         """Yield points page by page, regions in parallel; fill self.results."""
-        session = self.session()
-        self.identity()
-        regions = self._resolve_regions(session)
-        timestamp = time.time_ns()
-        self.results = [_new_result(r) for r in regions]
-        by_region = {r['region']: r for r in self.results}
-        clients = {r: session.client('ec2', region_name=r, config=self._client_config())
-                   for r in regions}
-        pages = queue.Queue(maxsize=max(1, min(len(regions), 4)))
-        stop = threading.Event()
-        workers = min(self.configs.get('concurrency') or MAX_CONCURRENCY, len(regions)) or 1
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix='ec2') as pool:
-            for region in regions:
-                pool.submit(self._fetch_region, clients[region], by_region[region], pages, stop)
-            try:
-                done = 0
-                while done < len(regions):
-                    kind, region, reservations = pages.get()
-                    if kind == 'done':
-                        done += 1
-                        continue
-                    yield from self._points(reservations, by_region[region], timestamp)
-            finally:
-                stop.set()
+        self.start()
+        run, self._run = self._run, None
+        try:
+            done = 0
+            while done < len(run['regions']):
+                kind, region, reservations = run['pages'].get()
+                if kind == 'done':
+                    done += 1
+                    continue
+                yield from self._points(reservations, run['regions'][region], run['timestamp'])
+                reservations = None     # free the page before the next one is fetched
+                gc.collect(1)           # and its parse's cyclic garbage (see _relax_gc)
+                run['slots'].release()
+        finally:
+            _finish(run)
+
+    def cancel(self):
+        """Stop a started collection (the account failed as a whole)."""
+        run, self._run = self._run, None
+        if run is not None:
+            _finish(run)
+            self.results = []
 
     def check(self):
         """Probe each region's permission with a 5-result DescribeInstances."""
@@ -179,17 +219,23 @@ class DataCollector:
                                'max_attempts': self.configs['max_attempts']},
                       connect_timeout=10, read_timeout=60, user_agent_extra='integration_aws_ec2')
 
-    def _fetch_region(self, client, result, pages, stop):
+    def _fetch_region(self, client, result, run):
         """Worker: one region's pages, in order, onto the queue."""
         started = time.monotonic()
         params = {'MaxResults': self.configs['page_size']}
+        pages, stop = run['pages'], run['stop']
         try:
-            while not stop.is_set():
-                resp = client.describe_instances(**params)
+            while _acquire(run['slots'], stop):
+                try:
+                    resp = client.describe_instances(**params)
+                except BaseException:
+                    run['slots'].release()
+                    raise
                 result['api_calls'] += 1 + resp['ResponseMetadata'].get('RetryAttempts', 0)
                 result['pages'] += 1
-                _put(pages, ('page', result['region'], resp['Reservations']), stop)
                 params['NextToken'] = resp.get('NextToken')
+                pages.put(('page', result['region'], resp['Reservations']))
+                resp = None     # the consumer holds the page now; don't keep it alive
                 if not params['NextToken']:
                     break
         except (ClientError, BotoCoreError, auth.AuthError) as e:
@@ -200,7 +246,7 @@ class DataCollector:
             result['error'] = f'{type(e).__name__}: {e}'
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
-            _put(pages, ('done', result['region'], None), stop)
+            pages.put(('done', result['region'], None))
 
     def _points(self, reservations, result, timestamp):
         for reservation in reservations:
@@ -441,14 +487,41 @@ def _new_result(region):
             'seconds': 0.0, 'error': None, 'hook_errors': 0}
 
 
-def _put(pages, item, stop):
-    """Queue a page, giving up if the consumer went away (so no thread hangs)."""
-    while not stop.is_set():
+def _in_background(func, *args, **kwargs):
+    """func(*args, **kwargs) in a thread of its own; a Future of its result."""
+    future = Future()
+
+    def call():
         try:
-            pages.put(item, timeout=0.5)
-            return
-        except queue.Full:
-            continue
+            future.set_result(func(*args, **kwargs))
+        except BaseException as e:
+            future.set_exception(e)
+    threading.Thread(target=call, name='identity', daemon=True).start()
+    return future
+
+
+def _finish(run):
+    run['stop'].set()
+    run['pool'].shutdown(wait=True)
+    gc.set_threshold(*run['gc'])
+
+
+def _acquire(slots, stop):
+    """Wait for a page slot; False once the consumer went away."""
+    while not stop.is_set():
+        if slots.acquire(timeout=0.5):
+            return True
+    return False
+
+
+def _relax_gc():
+    """Parsing a page allocates about a million objects; with CPython's default
+    threshold the cyclic GC then rescans the whole heap many times per page
+    (25-45% of the CPU in a long-lived worker, measured in bench/). Raise the
+    threshold while collecting; _finish puts the old one back."""
+    previous = gc.get_threshold()
+    gc.set_threshold(max(previous[0], GC_THRESHOLD), *previous[1:])
+    return previous
 
 
 def _name(func):

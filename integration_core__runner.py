@@ -13,7 +13,9 @@ Public entry points
 
 What a collector gives the Runner (integration_aws_ec2__main.DataCollector does)
     title, category ('custom_object' or 'metric'), min_interval (seconds),
-    state_key (str), identity() -> {'method', 'account_id', 'arn', 'partition'},
+    state_key (str), optional start() and cancel() (begin collecting before the
+    identity call; stop when the account fails),
+    identity() -> {'method', 'account_id', 'arn', 'partition'},
     collect() -> iterator of {'measurement', 'tags', 'fields', 'timestamp'},
     results (after collect: one dict per region with 'region', 'instances',
     'pages', 'api_calls', 'seconds', 'error'), check() -> [{'region', 'ok', 'reason'}].
@@ -39,6 +41,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -104,9 +107,20 @@ class Runner:
                            if isinstance(collector_or_list, (list, tuple)) else [collector_or_list])
         if not self.collectors:
             raise ConfigError('Runner(...) needs at least one collector')
+        for number, collector in enumerate(self.collectors, 1):
+            if not (callable(getattr(collector, 'collect', None))
+                    and callable(getattr(collector, 'identity', None))):
+                raise ConfigError(
+                    f'Runner(...): collector #{number} is a {type(collector).__name__}, not a '
+                    'collector: pass main.DataCollector(account, collector_configs)')
+        if not isinstance(datakit_id, str) or not datakit_id:
+            raise ConfigError(f"Runner(datakit_id={datakit_id!r}): the DataKit connector's id "
+                              "must be a non-empty string, e.g. 'datakit'")
         self.debug = bool(debug)
         self.datakit_id = datakit_id
-        self.force = _env_flag('INTEGRATION_FORCE') if force is None else bool(force)
+        if force is None:
+            force = _RUNTIME.get('force') or _env_flag('INTEGRATION_FORCE')
+        self.force = bool(force)
 
     def run(self):
         dff = current_dff()
@@ -157,8 +171,11 @@ class Runner:
                 status['status'] = 'skipped'
                 return status
         try:
+            # start() (optional) lets the identity call overlap the first pages.
+            getattr(collector, 'start', lambda: None)()
             ident = collector.identity()
-        except Exception as e:  # the account as a whole failed: one line, no regions tried
+        except Exception as e:  # the account as a whole failed: one line, not one per region
+            getattr(collector, 'cancel', lambda: None)()
             return _fail(status, label, f'account: {_one_line(e)}')
         status['identity'] = ident
         LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
@@ -359,6 +376,8 @@ class Spool:
     def entries(self):
         out = []
         for name in sorted(os.listdir(self.dir)):
+            if name.startswith('.tmp-'):
+                _remove_stale(os.path.join(self.dir, name))
             if not name.endswith('.json'):
                 continue
             path = os.path.join(self.dir, name)
@@ -516,8 +535,14 @@ def to_line_protocol(point):
     return line
 
 
+_LP_PLAIN = re.compile(r'[^\\,= \n\r]*')
+
+
 def _lp_name(value, specials):
-    text = str(value).replace('\r\n', ' ').replace('\n', ' ').replace('\r', ' ')
+    text = str(value)
+    if _LP_PLAIN.fullmatch(text):
+        return text          # the common case: nothing to escape
+    text = text.replace('\r\n', ' ').replace('\n', ' ').replace('\r', ' ')
     # A backslash before a special character or at the end would escape it.
     text = text.rstrip('\\')
     out = []
@@ -703,6 +728,13 @@ def atomic_write(path, text):
     return path
 
 
+def _remove_stale(path, age=3600):
+    """A temporary file an interrupted atomic_write left behind."""
+    with contextlib.suppress(OSError):
+        if time.time() - os.path.getmtime(path) > age:
+            os.remove(path)
+
+
 def _makedirs(directory):
     os.makedirs(directory, mode=0o700, exist_ok=True)
 
@@ -778,8 +810,15 @@ def main(argv=None):
         return 130
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line, like every other mistake."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f'error: {message} (see {self.prog} --help)\n')
+
+
 def _parser():
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog='integration-runner',
         description='Run DataFlux Func startup scripts of the integration set on this machine.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -866,6 +905,12 @@ def _select(apis, name, path):
 
 
 def _local_dff(args):
+    url = getattr(args, 'datakit', None)
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ('http', 'https') or not parts.netloc:
+            raise ConfigError(f'--datakit {url!r} is not a URL: give DataKit\'s address, '
+                              f'e.g. {DEFAULT_DATAKIT_URL}')
     output = None
     if getattr(args, 'output', None):
         output = (LineProtocolWriter(sys.stdout, 'stdout') if args.output == '-'
@@ -874,8 +919,7 @@ def _local_dff(args):
 
 
 def _cmd_run(args):
-    if args.force:
-        os.environ['INTEGRATION_FORCE'] = '1'
+    _RUNTIME['force'] = args.force
     dff = _local_dff(args)
     apis = _select(load_script(args.script, dff), args.func, args.script)
     status = EXIT_OK
@@ -898,7 +942,9 @@ def run_api(api, verbose=0):
         LOG.error('[Func] %s failed: %s', api['title'], e)
         return EXIT_FAILED
     except ConfigError as e:
-        LOG.error('[Func] %s: %s', api['title'], e)
+        print(f"error: {api['title']}: {e}", file=sys.stderr)
+        if verbose > 1:
+            traceback.print_exc()
         return EXIT_USAGE
     except Exception as e:
         LOG.error('[Func] %s failed: %s', api['title'], _one_line(e))

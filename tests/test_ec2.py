@@ -19,6 +19,8 @@ def collect(account, regions, **kwargs):
     configs = {'regions': regions}
     configs.update(kwargs.pop('configs', {}))
     collector = ec2.DataCollector(account, configs, **kwargs)
+    collector.start()             # as the Runner does: regions begin, then the identity call
+    collector.identity()
     points = list(collector.collect())
     return collector, points
 

@@ -1,0 +1,7 @@
+# expect: no function decorated with @DFF.API
+account = {"ak_id": "AKIAEXAMPLE000000001", "ak_secret": "SENTINELakSecret0000000000000000000000000"}
+collector_configs = {'regions': ['us-east-1']}
+from integration_core__runner import Runner
+import integration_aws_ec2__main as main
+def run():
+    Runner(main.DataCollector(account, collector_configs)).run()
