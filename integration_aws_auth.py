@@ -125,6 +125,7 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     `cache` has get(key) / set(key, value, expire=seconds) with string values;
     `clock` returns an aware UTC datetime (tests inject one)."""
     account = validate_account(account, where)
+    core.quiet_sdk_loggers()
     if regions:
         check_partition(regions, "collector_configs['regions']")
     region = region or (regions[0] if regions else None) or _role_region(account)
@@ -280,35 +281,39 @@ def _check_combination(raw, acc, where):
             '(assume_role_arn or serial_number): remove it')
 
 
-def _check_formats(acc, where):
-    def bad(key, what):
-        raise AccountConfigError(f'{where}[{key!r}] {what}')
+# What each string key must look like, and what to say when it does not
+# (secrets are described by their length, never shown).
+FORMATS = (
+    ('ak_id', ACCESS_KEY_ID_RE, lambda v: 'is not an access key id (16-128 capital letters and '
+                                           'digits, e.g. AKIA...): copy it from the IAM console'),
+    ('assume_role_arn', ROLE_ARN_RE, lambda v: f'is not a role ARN (got {v!r}): expected '
+                                               'arn:<partition>:iam::<12-digit account id>:role/<name>'),
+    ('role_session_name', SESSION_NAME_RE, lambda v: (
+        f'must be 2-64 characters of letters, digits and +=,.@_- (got {v!r}); '
+        f'the default is {DEFAULT_ROLE_SESSION_NAME!r}')),
+    ('external_id', EXTERNAL_ID_RE, lambda v: (
+        f'must be 2-1224 characters of letters, digits and +=,.@:/_- (got {len(v)} characters): '
+        "copy it from the role's trust policy")),
+    ('serial_number', SERIAL_NUMBER_RE, lambda v: (
+        "must be the MFA device's ARN (arn:aws:iam::123456789012:mfa/NAME) or hardware serial, "
+        f'9-256 characters (got {v!r})')),
+    ('token_code', TOKEN_CODE_RE, lambda v: (
+        f'must be exactly 6 digits, the code the MFA device shows now (got {len(v)} characters)')),
+)
 
-    if 'ak_id' in acc and not ACCESS_KEY_ID_RE.match(acc['ak_id']):
-        bad('ak_id', 'is not an access key id (16-128 capital letters and digits, e.g. AKIA...): '
-                     'copy it from the IAM console')
-    arn = acc.get('assume_role_arn')
-    if arn is not None and not ROLE_ARN_RE.match(arn):
-        bad('assume_role_arn', f'is not a role ARN (got {arn!r}): expected '
-                               'arn:<partition>:iam::<12-digit account id>:role/<name>')
-    if 'role_session_name' in acc and not SESSION_NAME_RE.match(acc['role_session_name']):
-        bad('role_session_name', f"must be 2-64 characters of letters, digits and +=,.@_- "
-                                 f"(got {acc['role_session_name']!r}); the default is {DEFAULT_ROLE_SESSION_NAME!r}")
-    if 'external_id' in acc and not EXTERNAL_ID_RE.match(acc['external_id']):
-        bad('external_id', f"must be 2-1224 characters of letters, digits and +=,.@:/_- "
-                           f"(got {len(acc['external_id'])} characters): copy it from the role's trust policy")
-    if 'serial_number' in acc and not SERIAL_NUMBER_RE.match(acc['serial_number']):
-        bad('serial_number', f"must be the MFA device's ARN (arn:aws:iam::123456789012:mfa/NAME) or "
-                             f"hardware serial, 9-256 characters (got {acc['serial_number']!r})")
-    if 'token_code' in acc and not TOKEN_CODE_RE.match(acc['token_code']):
-        bad('token_code', f"must be exactly 6 digits, the code the MFA device shows now "
-                          f"(got {len(acc['token_code'])} characters)")
+
+def _check_formats(acc, where):
+    for key, pattern, explain in FORMATS:
+        if key in acc and not pattern.match(acc[key]):
+            raise AccountConfigError(f'{where}[{key!r}] {explain(acc[key])}')
     if 'duration_seconds' in acc:
-        lo, hi = ROLE_DURATION if 'assume_role_arn' in acc else SESSION_TOKEN_DURATION
-        api = 'sts:AssumeRole' if 'assume_role_arn' in acc else 'sts:GetSessionToken'
+        role = 'assume_role_arn' in acc
+        lo, hi = ROLE_DURATION if role else SESSION_TOKEN_DURATION
         if not lo <= acc['duration_seconds'] <= hi:
-            bad('duration_seconds', f"must be between {lo} and {hi} for {api} "
-                                    f"(got {acc['duration_seconds']})")
+            raise AccountConfigError(
+                f"{where}['duration_seconds'] must be between {lo} and {hi} for "
+                f"{'sts:AssumeRole' if role else 'sts:GetSessionToken'} "
+                f"(got {acc['duration_seconds']})")
 
 
 def _check_extra_tags(tags, where):

@@ -183,10 +183,15 @@ class DataCollector:
                 if kind == 'done':
                     done += 1
                     continue
-                yield from self._points(reservations, run['regions'][region], run['timestamp'])
-                reservations = None     # free the page before the next one is fetched
-                gc.collect(1)           # and its parse's cyclic garbage (see _relax_gc)
+                # Points are a fraction of a parsed page's size: make them, free
+                # the page (and its parse's cyclic garbage, see _relax_gc) and
+                # let the next page be fetched before the points are written.
+                points = list(self._points(reservations, run['regions'][region], run['timestamp']))
+                reservations = None
+                gc.collect(1)
                 run['slots'].release()
+                yield from points
+                points = None
         finally:
             _finish(run)
 

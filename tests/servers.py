@@ -12,6 +12,22 @@ import urllib.parse
 _SCOPE_RE = re.compile(r'Credential=[^/]+/\d+/([^/]+)/([^/]+)/')
 
 
+class _QuietHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status, body, headers=None):
+        self.send_response(status)
+        for key, value in (headers or {'Content-Type': 'application/json'}).items():
+            if key.lower() not in ('content-length', 'transfer-encoding', 'connection', 'server', 'date'):
+                self.send_header(key, value)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class _Server:
     def _serve(self, handler_class):
         self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler_class)
@@ -35,12 +51,7 @@ class DataKitReceiver(_Server):
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = 'HTTP/1.1'
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(_QuietHandler):
             def do_GET(self):
                 self._reply(200, b'{"content":"pong"}') if self.path.startswith('/v1/ping') else self._reply(404, b'')
 
@@ -74,13 +85,6 @@ class DataKitReceiver(_Server):
                     return self._reply(400, json.dumps({'error_code': 'datakit.invalidLinePoint',
                                                         'message': 'invalid field'}).encode())
                 self._reply(action, b'{"error_code":"datakit.busy","message":"try later"}')
-
-            def _reply(self, status, body):
-                self.send_response(status)
-                self.send_header('Content-Type', 'application/json')
-                self.send_header('Content-Length', str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
         self._serve(Handler)
 
@@ -120,12 +124,7 @@ class FaultProxy(_Server):
         self.lock = threading.Lock()
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = 'HTTP/1.1'
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(_QuietHandler):
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get('Content-Length', 0) or 0))
                 scope = _SCOPE_RE.search(self.headers.get('Authorization', ''))
@@ -158,16 +157,6 @@ class FaultProxy(_Server):
                 self._reply(status, data, headers)
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle
-
-            def _reply(self, status, data, headers):
-                self.send_response(status)
-                for key, value in headers.items():
-                    if key.lower() not in ('content-length', 'transfer-encoding', 'connection',
-                                           'server', 'date'):
-                        self.send_header(key, value)
-                self.send_header('Content-Length', str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
         self._serve(Handler)
 
