@@ -146,7 +146,7 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     return boto3.session.Session(botocore_session=bs, region_name=region)
 
 
-def describe_identity(session, account, region=None, cache=None, client=None):
+def describe_identity(session, account=None, region=None, cache=None, client=None):
     """Who we are, for the run's banner: never a secret. One sts call, or none
     for a temporary session whose identity is already cached (so a cached MFA
     session makes no STS call at all). Long-term keys are always checked: the
@@ -170,7 +170,7 @@ def describe_identity(session, account, region=None, cache=None, client=None):
         raise AuthError(describe_client_error(e, 'sts:GetCallerIdentity')) from None
     except BotoCoreError as e:
         raise AuthError(f'sts:GetCallerIdentity in {region} failed: {e}') from None
-    method = auth_method(account)
+    method = auth_method(account) if account is not None else 'default_chain'
     if method == 'default_chain':
         # Which link of botocore's chain answered: 'iam-role' is the instance role.
         creds = session.get_credentials()

@@ -156,10 +156,11 @@ class DataCollector:
             'timestamp': time.time_ns(),
             'regions': {r['region']: r for r in self.results},
             'pages': queue.Queue(),
-            # A parsed page of 1000 instances is tens of MB: at most one page per
-            # worker plus the one being written exists at a time, whatever the
-            # estate's size. Parsing, the slow stage, never waits for it.
-            'slots': threading.Semaphore(workers + 1),
+            # A parsed page of 1000 instances is tens of MB: at most one parsed
+            # page per worker exists at a time, whatever the estate's size. A
+            # worker waits only while its last page is turned into points, which
+            # holds the GIL anyway.
+            'slots': threading.Semaphore(workers),
             'stop': threading.Event(),
             'pool': ThreadPoolExecutor(max_workers=workers, thread_name_prefix='ec2'),
             'gc': _relax_gc(),

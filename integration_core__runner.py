@@ -705,8 +705,17 @@ class FileCache:
 
 
 def state_dir():
-    return os.environ.get('INTEGRATION_STATE_DIR') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'dataflux-integration')
+    """$INTEGRATION_STATE_DIR, else ~/.cache/dataflux-integration, else (a home
+    that cannot be written, as in some containers) a private folder in /tmp."""
+    configured = os.environ.get('INTEGRATION_STATE_DIR')
+    if configured:
+        return configured
+    home = os.path.join(os.path.expanduser('~'), '.cache', 'dataflux-integration')
+    try:
+        _makedirs(home)
+        return home
+    except OSError:
+        return os.path.join(tempfile.gettempdir(), f'dataflux-integration-{os.getuid()}')
 
 
 def atomic_write(path, text):
