@@ -40,7 +40,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
+from botocore.parsers import ResponseParserError
 
 import integration_aws_auth as auth
 import integration_core__runner as core
@@ -52,6 +58,8 @@ CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempt
 DEFAULTS = {'page_size': 1000, 'retry_mode': 'adaptive', 'max_attempts': 8}
 MAX_CONCURRENCY = 32
 GC_THRESHOLD = 50000
+TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
+PAGE_ATTEMPTS = 4
 TAG_VALUE_MAX_BYTES = 1024
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
@@ -233,7 +241,7 @@ class DataCollector:
         try:
             while _acquire(run['slots'], stop):
                 try:
-                    resp = client.describe_instances(**params)
+                    resp = self._describe_page(client, params, result, stop)
                 except BaseException:
                     run['slots'].release()
                     raise
@@ -249,10 +257,25 @@ class DataCollector:
                 result['api_calls'] += 1 + e.response.get('ResponseMetadata', {}).get('RetryAttempts', 0)
             result['error'] = explain_error(e, result['region'])
         except Exception as e:  # a bug must still be reported, not lost in a thread
-            result['error'] = f'{type(e).__name__}: {e}'
+            result['error'] = explain_error(e, result['region'])
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
             pages.put(('done', result['region'], None))
+
+    def _describe_page(self, client, params, result, stop):
+        """One DescribeInstances page. botocore retries throttling and broken
+        connections itself; an answer cut short in transit (invalid XML, an
+        incomplete read) it does not, so ask again for the same page."""
+        for attempt in range(1, PAGE_ATTEMPTS + 1):
+            try:
+                return client.describe_instances(**params)
+            except TRANSIENT_ERRORS as e:
+                result['api_calls'] += 1
+                if attempt == PAGE_ATTEMPTS or stop.is_set():
+                    raise
+                LOG.warning('[%s] page %d: %s; asking again', result['region'],
+                            result['pages'] + 1, _first_line(e))
+                time.sleep(0.2 * 2 ** attempt)
 
     def _points(self, reservations, result, timestamp):
         for reservation in reservations:
@@ -485,7 +508,13 @@ def explain_error(error, region):
         return f'{line} ({hint})' if hint else line
     if isinstance(error, auth.AuthError):
         return str(error)
-    return f'{type(error).__name__}: {error}'
+    return f'{type(error).__name__}: {_first_line(error)}'
+
+
+def _first_line(error, limit=300):
+    """Some botocore errors carry the whole response body: keep a line of it."""
+    text = (str(error).strip().splitlines() or [''])[0]
+    return text if len(text) <= limit else text[:limit] + '...'
 
 
 def _new_result(region):

@@ -269,8 +269,10 @@ def _mark_success(dff, key, interval):
         LOG.warning('[Runner] cannot record the collection time: %s', _one_line(e))
 
 
-def _one_line(error):
-    text = str(error).strip().replace('\n', ' ') or type(error).__name__
+def _one_line(error, limit=1000):
+    text = ' '.join(str(error).split()) or type(error).__name__
+    if len(text) > limit:
+        text = text[:limit] + '...'
     return text if isinstance(error, (ConfigError, RunFailed)) else f'{type(error).__name__}: {text}'
 
 
@@ -1024,13 +1026,14 @@ class Scheduler:
     whose previous run is still going is skipped; a run past its timeout is
     killed. Each run is a child process, so a hung run cannot hang the rest."""
 
-    def __init__(self, apis, verbose=0, clock=time.time, stop=None, tick=1.0):
+    def __init__(self, apis, verbose=0, clock=time.time, stop=None, tick=1.0, grace=30.0):
         import croniter
         self.apis = apis
         self.verbose = verbose
         self.clock = clock
         self.stop = stop or threading.Event()
         self.tick = tick
+        self.grace = grace
         self.running = {}
         self.next_fire = {}
         self.croniter = croniter.croniter
@@ -1055,13 +1058,23 @@ class Scheduler:
                         self._fire(api, now)
                 self.stop.wait(self.tick)
         finally:
-            LOG.info('[serve] stopping')
-            for name, (proc, _) in self.running.items():
-                proc.terminate()
-                proc.join(10)
+            self._drain()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return EXIT_OK
+
+    def _drain(self):
+        """Stopping: let running jobs finish (up to `grace` seconds), like a
+        worker shutting down warm, then terminate what is left."""
+        LOG.info('[serve] stopping%s', f', waiting up to {self.grace:g} s for '
+                 f'{len(self.running)} running job(s)' if self.running else '')
+        deadline = time.monotonic() + self.grace
+        for name, (proc, _) in self.running.items():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                LOG.warning('[serve] %s: still running; terminating it', name)
+                proc.terminate()
+                proc.join(10)
 
     def _next(self, api, now):
         return self.croniter(api['fixed_crontab'], now).get_next(float)

@@ -489,7 +489,7 @@ def test_serve_fires_on_the_crontab_and_skips_an_overlapping_tick(tmp_path):
         assert wait_for(lambda: ('job', 'skipped') in scheduler.history)
         assert wait_for(lambda: ('job', 'exit 0') in scheduler.history)
         clock.set(1_800_000_180.0)
-        assert wait_for(lambda: scheduler.history.count(('job', 'started')) == 2)
+        assert wait_for(lambda: scheduler.history.count(('job', 'exit 0')) == 2)
     finally:
         scheduler.stop.set()
         thread.join(15)
