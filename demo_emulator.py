@@ -25,7 +25,6 @@ import urllib.request
 
 import boto3
 
-ACCOUNT_ID = '123456789012'
 READ_POLICY = {
     'Version': '2012-10-17',
     'Statement': [{'Effect': 'Allow', 'Action': ['ec2:Describe*', 'sts:GetCallerIdentity'],

@@ -787,10 +787,11 @@ def _attach_stdout_handler(logger):
 
 @contextlib.contextmanager
 def log_to_stdout():
-    """Func shows what a script prints: send our log lines there, unless the
-    application configured logging itself."""
+    """Func's task log is what a script prints: send our log lines there.
+    Outside Func, only when the application did not configure logging itself."""
     root = logging.getLogger('integration')
-    if root.handlers or logging.getLogger().handlers:
+    in_func = (globals().get('DFF') or getattr(builtins, 'DFF', None)) is not None
+    if root.handlers or (logging.getLogger().handlers and not in_func):
         yield
         return
     _attach_stdout_handler(root)

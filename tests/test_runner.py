@@ -257,7 +257,7 @@ def test_one_failure_does_not_stop_the_others_and_is_raised_once(local, receiver
     assert 'ap-east-1 FAILED: ec2:DescribeInstances: AuthFailure' in caplog.text
 
 
-def test_inside_func_the_real_dff_is_used(monkeypatch):
+def test_inside_func_the_real_dff_is_used(monkeypatch, capsys):
     """Func injects DFF; its connector's write_by_category_many is what runs."""
     written = []
 
@@ -277,6 +277,9 @@ def test_inside_func_the_real_dff_is_used(monkeypatch):
     monkeypatch.setattr(core, 'DFF', Func, raising=False)
     core.Runner(FakeCollector(120), datakit_id='my_datakit').run()
     assert written == [('custom_object', 100), ('custom_object', 20)]
+    printed = capsys.readouterr().out      # Func's task log is what the script prints
+    assert '[INFO] [Runner] DataKit connector: my_datakit (Func connector)' in printed
+    assert 'us-east-1: 120 instance(s)' in printed
 
 
 # -- the local DFF --------------------------------------------------------------------
