@@ -324,25 +324,35 @@ class Delivery:
             self._spool(category, points)
 
     def _send(self, category, points):
-        """Send; on a 4xx narrow down to the rejected points and dead-letter them."""
+        """Send; on a 4xx narrow the batch down (halving) to the points DataKit
+        rejects and keep those, with its error, in one dead-letter file."""
+        rejected = []
+        error = self._send_narrowing(category, points, rejected)
+        if not rejected:
+            return
+        self.dead_lettered += len(rejected)
+        self.failed_points += len(rejected)
+        self.last_error = str(error)
+        path = self.spool.dead_letter(category, rejected, error)
+        names = [str(p.get('tags', {}).get('name')) for p in rejected]
+        LOG.error('[Runner] DataKit rejected %d point(s) (name=%s%s): %s; kept in %s', len(rejected),
+                  ', '.join(names[:5]), ', ...' if len(names) > 5 else '', error, path)
+
+    def _send_narrowing(self, category, points, rejected):
         try:
             self.connector.write_by_category_many(category, points)
             self.written += len(points)
+            return None
         except Exception as e:
             error = e if isinstance(e, DataKitError) else _as_datakit_error(e)
-            if not error.rejected:
-                raise error from None
-            if len(points) > 1:
-                half = len(points) // 2
-                self._send(category, points[:half])
-                self._send(category, points[half:])
-                return
-            self.dead_lettered += 1
-            self.failed_points += 1
-            self.last_error = str(error)
-            path = self.spool.dead_letter(category, points, error)
-            LOG.error('[Runner] DataKit rejected point name=%s: %s (kept in %s)',
-                      points[0].get('tags', {}).get('name'), error, path)
+        if not error.rejected:
+            raise error
+        if len(points) == 1:
+            rejected.extend(points)
+            return error
+        half = len(points) // 2
+        first = self._send_narrowing(category, points[:half], rejected)
+        return self._send_narrowing(category, points[half:], rejected) or first
 
     def _spool(self, category, points):
         path = self.spool.add(category, points)

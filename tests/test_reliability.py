@@ -300,7 +300,7 @@ def test_no_secret_anywhere_at_the_most_verbose_level(seed_estate, write_script,
         result = cli('run', write_script('3_mfa.py', seed_estate), '--datakit', rejecting.url, '-vv', '--force')
     finally:
         rejecting.stop()
-    assert result.returncode == 1 and 'rejected point' in result.stdout
+    assert result.returncode == 1 and 'DataKit rejected 1 point(s)' in result.stdout
     outputs.append(result.stdout + result.stderr)
 
     state = tmp_path / 'state'

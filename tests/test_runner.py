@@ -189,6 +189,15 @@ def test_rejected_point_is_dead_lettered_and_the_rest_delivered(local, receiver,
     assert info.value.summary['points_dead_lettered'] == 1
 
 
+def test_a_batch_rejected_whole_is_one_dead_letter_file(local, receiver, tmp_path, caplog):
+    receiver.script = [400] * 500
+    with pytest.raises(core.RunFailed):
+        core.Runner(FakeCollector(12)).run()
+    (dead,) = list((tmp_path / 'state' / 'deadletter' / 'datakit').iterdir())
+    assert len(json.loads(dead.read_text())['points']) == 12
+    assert 'DataKit rejected 12 point(s) (name=i-0, i-1, i-2, i-3, i-4, ...)' in caplog.text
+
+
 def test_datakit_down_spools_and_the_next_run_sends_first(monkeypatch, tmp_path):
     down = core.LocalDFF(datakit_url='http://127.0.0.1:9', sleep=no_wait)   # nothing listens
     monkeypatch.setitem(core._RUNTIME, 'dff', down)
