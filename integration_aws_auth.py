@@ -138,7 +138,7 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     elif method != 'default_chain':
         fetcher = _TemporaryCredentialFetcher(
             account, bs, region, method,
-            cache=cache if cache is not None else core.default_cache(),
+            cache=cache if cache is not None else _default_cache(),
             clock=clock or _utcnow)
         bs._credentials = fetcher.refreshable_credentials()
     else:
@@ -154,7 +154,7 @@ def describe_identity(session, account=None, region=None, cache=None, client=Non
     region = region or session.region_name
     creds = session.get_credentials()
     frozen = creds.get_frozen_credentials() if creds is not None else None
-    cache = cache if cache is not None else core.default_cache()
+    cache = cache if cache is not None else _default_cache()
     key = None
     if frozen is not None and frozen.token:
         key = 'integration_aws_auth:identity:' + _hash(frozen.access_key)
@@ -666,6 +666,13 @@ def _hop_limit_hint(endpoint, timeout):
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
+
+def _default_cache():
+    """DFF.CACHE: Func injects DFF into every script it loads, this one too;
+    otherwise the runner's (Func's, or the local runtime's files)."""
+    dff = globals().get('DFF')
+    return dff.CACHE if dff is not None else core.default_cache()
+
 
 def _read_json(cache, key):
     try:

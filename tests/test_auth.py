@@ -387,6 +387,13 @@ def test_inside_func_dff_cache_is_used(aws, user, monkeypatch, tmp_path):
     assert not (tmp_path / 'state' / 'cache').exists()
 
 
+def test_dff_injected_into_the_auth_script_is_used(aws, user, monkeypatch):
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    identity(account_of(user, assume_role_arn=make_role(aws, user)))
+    assert any(key.startswith('integration_aws_auth:') for key in dff.CACHE.data)
+
+
 def test_no_secret_in_logs_or_reprs_at_debug(aws, user, caplog):
     role = make_role(aws, user, external_id='ext-secretless')
     account = mfa_account(aws, user, role, code='135791')
