@@ -173,7 +173,6 @@ def describe_identity(session, account=None, region=None, cache=None, client=Non
     method = auth_method(account) if account is not None else 'default_chain'
     if method == 'default_chain':
         # Which link of botocore's chain answered: 'iam-role' is the instance role.
-        creds = session.get_credentials()
         method = f"default_chain ({getattr(creds, 'method', 'unknown')})"
     result = {
         'method': method,
@@ -379,7 +378,7 @@ def _endpoint_data():
     """botocore's partition and region tables, loaded once on first use."""
     with _ENDPOINTS_LOCK:
         if 'regions' not in _ENDPOINTS:
-            bs = botocore.session.Session()
+            bs = botocore.session.Session()   # not new_botocore_session(): it takes this lock
             regions = {}
             for partition in bs.get_available_partitions():
                 for name in bs.get_available_regions('ec2', partition):

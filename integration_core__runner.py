@@ -91,6 +91,17 @@ class DataKitError(Exception):
         return self.status is not None and 400 <= self.status < 500 and self.status != 429
 
 
+class InvalidPoint(DataKitError):
+    """A point that cannot be line protocol (no fields, NaN, no measurement):
+    never sent, and, like a point DataKit rejects, kept as a dead letter."""
+    rejected = True
+
+    def __init__(self, message):
+        Exception.__init__(self, f'invalid point: {message}')
+        self.status = None
+        self.body = message
+
+
 class JobTimeout(BaseException):
     """A run past its @DFF.API timeout; like Func's, `except Exception` can't catch it."""
 
@@ -181,7 +192,7 @@ class Runner:
         LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
                  ident.get('partition'), ident.get('arn'), ident.get('method'))
         started = time.monotonic()
-        written_before = delivery.failed_points if delivery else 0
+        failed_before = delivery.failed_points if delivery else 0
         batch = []
         try:
             for point in collector.collect():
@@ -207,9 +218,9 @@ class Runner:
         if failed_regions and status['status'] == 'ok':
             status['status'] = 'failed'
             status['error'] = f'{len(failed_regions)} region(s) failed: {", ".join(failed_regions)}'
-        undelivered = (delivery.failed_points - written_before) if delivery else 0
+        undelivered = (delivery.failed_points - failed_before) if delivery else 0
         LOG.info('%s %d point(s) in %.2f s%s', label, status['points'], time.monotonic() - started,
-                 f', {undelivered} not delivered (spooled for the next run)' if undelivered else '')
+                 f', {undelivered} not delivered (spooled or dead-lettered)' if undelivered else '')
         if status['status'] == 'ok' and not undelivered and not self.debug:
             _mark_success(dff, state_key, interval)
         return status
@@ -440,8 +451,7 @@ class DataKitClient:
             {'measurement': measurement, 'tags': tags, 'fields': fields, 'timestamp': timestamp}])
 
     def write_by_category_many(self, category, data):
-        body = '\n'.join(to_line_protocol(p) for p in data).encode('utf-8')
-        return self._post(category, body)
+        return self._post(category, '\n'.join(encode_points(data)).encode('utf-8'))
 
     def write_metric(self, measurement, tags=None, fields=None, timestamp=None):
         return self.write_by_category('metric', measurement, tags, fields, timestamp)
@@ -511,14 +521,27 @@ class LineProtocolWriter:
         self.target = name
 
     def write_by_category_many(self, category, data):
-        for point in data:
-            self.stream.write(to_line_protocol(point) + '\n')
+        for line in encode_points(data):
+            self.stream.write(line + '\n')
         self.stream.flush()
         return 200, ''
 
     def write_by_category(self, category, measurement, tags=None, fields=None, timestamp=None):
         return self.write_by_category_many(category, [
             {'measurement': measurement, 'tags': tags, 'fields': fields, 'timestamp': timestamp}])
+
+
+def encode_points(data):
+    """Line protocol for a batch; a point that cannot be encoded is InvalidPoint
+    (so Delivery narrows the batch to it instead of spooling it forever)."""
+    lines = []
+    for point in data:
+        try:
+            lines.append(to_line_protocol(point))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            name = (point.get('tags') or {}).get('name') if isinstance(point, dict) else None
+            raise InvalidPoint(f'name={name}: {e}') from None
+    return lines
 
 
 def to_line_protocol(point):

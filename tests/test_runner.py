@@ -189,6 +189,24 @@ def test_rejected_point_is_dead_lettered_and_the_rest_delivered(local, receiver,
     assert info.value.summary['points_dead_lettered'] == 1
 
 
+class BrokenPointCollector(FakeCollector):
+    def collect(self):
+        yield from super().collect()
+        yield {'measurement': 'aws_ec2', 'tags': {'name': 'no-fields'}, 'fields': {}}
+
+
+def test_a_point_that_cannot_be_encoded_is_dead_lettered_not_spooled(local, receiver, tmp_path):
+    with pytest.raises(core.RunFailed) as info:
+        core.Runner(BrokenPointCollector(5)).run()
+    assert sorted(receiver.names()) == [f'i-{n}' for n in range(5)]
+    (dead,) = list((tmp_path / 'state' / 'deadletter' / 'datakit').iterdir())
+    entry = json.loads(dead.read_text())
+    assert [p['tags']['name'] for p in entry['points']] == ['no-fields']
+    assert 'has no fields' in entry['error']
+    assert not list((tmp_path / 'state' / 'spool' / 'datakit').glob('*.json'))
+    assert info.value.summary['points_spooled'] == 0
+
+
 def test_a_batch_rejected_whole_is_one_dead_letter_file(local, receiver, tmp_path, caplog):
     receiver.script = [400] * 500
     with pytest.raises(core.RunFailed):
@@ -359,19 +377,18 @@ def test_seed_scripts_run_unmodified(seed_estate, write_script, receiver, name):
 
 def test_scripts_match_the_seed_page():
     """Character for character apart from placeholders and indentation."""
-    seed = open(os.path.join(ROOT, '..', 'shared', 'seed', '000_17d36fb815bf6420.txt'),
-                encoding='utf-8').read() if os.path.exists(
-        os.path.join(ROOT, '..', 'shared', 'seed')) else None
+    seed_path = os.path.join(ROOT, '..', 'shared', 'seed', '000_17d36fb815bf6420.txt')
+    assert os.path.exists(seed_path), 'the user\'s page is expected at ../shared/seed/'
+    seed = open(seed_path, encoding='utf-8').read()
     for name in SEED_SCRIPTS:
         text = open(os.path.join(ROOT, 'scripts', name), encoding='utf-8').read()
         assert "@DFF.API('AWS-EC2 Collection', timeout=3600, fixed_crontab='*/15 * * * *')" in text
         assert 'from integration_core__runner import Runner' in text
         assert 'import integration_aws_ec2__main as main' in text
-        if seed:
-            for line in text.splitlines():
-                squashed = ' '.join(line.split())
-                if squashed and not squashed.startswith('#'):
-                    assert squashed in ' '.join(seed.split()), (name, line)
+        for line in text.splitlines():
+            squashed = ' '.join(line.split())
+            if squashed and not squashed.startswith('#'):
+                assert squashed in ' '.join(seed.split()), (name, line)
 
 
 def test_output_prints_line_protocol(seed_estate, write_script):
