@@ -15,6 +15,14 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# --- Func tier (tests/functier): Redis, MariaDB and Func's Python 3.8 venv,
+# prepared only where the DataFlux Func worker source is present.
+FUNC_SRC_DIR="${FUNC_SRC:-../shared/dataflux-func}"
+if [ -f "$FUNC_SRC_DIR/worker/app.py" ]; then
+    FUNC_SRC="$FUNC_SRC_DIR" bash tests/functier/setup.sh
+fi
+# --- end Func tier
+
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?
