@@ -296,7 +296,7 @@ def fill_placeholders(text, values):
 
 
 def run_demo(verbose=0):
-    import integration_core__runner as core
+    from integration_local import cli as local_cli
     print('Starting the embedded AWS emulator (moto, IAM enforcement on) ...')
     emulator = AwsEmulator().start()
     work = tempfile.mkdtemp(prefix='integration-demo-')
@@ -323,7 +323,7 @@ def run_demo(verbose=0):
                 f.write(text)
             print(f'=== {title}: scripts/{filename}')
             before = receiver.count
-            status = core.main(['run', path, '--datakit', receiver.url] + ['-v'] * verbose)
+            status = local_cli.main(['run', path, '--datakit', receiver.url] + ['-v'] * verbose)
             results.append((title, status, receiver.count - before))
             print()
         print('=== Summary')

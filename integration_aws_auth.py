@@ -50,7 +50,9 @@ import hmac
 import json
 import logging
 import re
+import sys
 import threading
+import types
 import urllib.error
 import urllib.request
 
@@ -143,7 +145,12 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
         bs._credentials = fetcher.refreshable_credentials()
     else:
         _require_default_chain(bs)
-    return boto3.session.Session(botocore_session=bs, region_name=region)
+    session = boto3.session.Session(botocore_session=bs, region_name=region)
+    # boto3 appends its data folder to the loader's search path per session;
+    # the loader is shared and lives as long as the process: keep it short.
+    paths = bs.get_component('data_loader').search_paths
+    paths[:] = list(dict.fromkeys(paths))
+    return session
 
 
 def describe_identity(session, account=None, region=None, cache=None, client=None):
@@ -345,16 +352,31 @@ def _suggest(key, known):
 # Partitions
 # --------------------------------------------------------------------------
 
-_ENDPOINTS = {}
-_ENDPOINTS_LOCK = threading.Lock()
+_SHARED_MODULE = '_integration_aws_shared'
+
+
+def process_shared():
+    """What this module keeps for the life of the process: the botocore data
+    loader (its parsed service models cost 0.1-0.3 s of CPU per session made
+    from scratch) and the region tables. Func runs every module body again
+    in every task, so module globals would not outlive a task; sys.modules
+    does. Nothing in it holds credentials or anything of one account."""
+    shared = sys.modules.get(_SHARED_MODULE)
+    if shared is None:
+        module = types.ModuleType(_SHARED_MODULE, 'integration_aws_auth: per-process state')
+        module.lock = threading.Lock()
+        module.data = {}
+        shared = sys.modules.setdefault(_SHARED_MODULE, module)
+    return shared
 
 
 def new_botocore_session():
     """A botocore session sharing one data loader per process: the service
-    models (about 0.3-0.7 s of CPU for EC2) are parsed once, not per run."""
+    models are parsed once, not per run."""
     bs = botocore.session.Session()
-    with _ENDPOINTS_LOCK:
-        loader = _ENDPOINTS.setdefault('loader', bs.get_component('data_loader'))
+    shared = process_shared()
+    with shared.lock:
+        loader = shared.data.setdefault('loader', bs.get_component('data_loader'))
     bs.register_component('data_loader', loader)
     bs.get_component('response_parser_factory').set_parser_defaults(
         timestamp_parser=fast_timestamp)
@@ -375,17 +397,21 @@ def fast_timestamp(value):
 
 
 def _endpoint_data():
-    """botocore's partition and region tables, loaded once on first use."""
-    with _ENDPOINTS_LOCK:
-        if 'regions' not in _ENDPOINTS:
+    """botocore's partition and region tables, loaded once per process."""
+    shared = process_shared()
+    with shared.lock:
+        data = shared.data
+        if 'regions' not in data:
             bs = botocore.session.Session()   # not new_botocore_session(): it takes this lock
+            bs.register_component('data_loader', data.setdefault(
+                'loader', bs.get_component('data_loader')))
             regions = {}
             for partition in bs.get_available_partitions():
                 for name in bs.get_available_regions('ec2', partition):
                     regions[name] = partition
-            _ENDPOINTS['session'] = bs
-            _ENDPOINTS['regions'] = regions
-        return _ENDPOINTS
+            data['endpoint_session'] = bs
+            data['regions'] = regions
+        return data
 
 
 def known_regions():
@@ -395,7 +421,7 @@ def known_regions():
 
 def partition_of(region):
     data = _endpoint_data()
-    return data['regions'].get(region) or data['session'].get_partition_for_region(region)
+    return data['regions'].get(region) or data['endpoint_session'].get_partition_for_region(region)
 
 
 def check_partition(regions, where):

@@ -28,6 +28,7 @@ IAM permissions: ec2:DescribeInstances, ec2:DescribeRegions (only for ['*']),
 sts:GetCallerIdentity (always allowed), plus what the account's method needs
 (integration_aws_auth).
 """
+import contextlib
 import datetime
 import difflib
 import gc
@@ -35,9 +36,12 @@ import hashlib
 import json
 import logging
 import queue
+import re
+import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future
 
 from botocore.config import Config
 from botocore.exceptions import (
@@ -48,8 +52,23 @@ from botocore.exceptions import (
 )
 from botocore.parsers import ResponseParserError
 
-import integration_aws_auth as auth
 import integration_core__runner as core
+
+try:
+    # Its script id in Func (the README's paste table); in a checkout or a pip
+    # install the module keeps its file name.
+    import integration_aws__auth as auth
+except ImportError as e:
+    if e.name != 'integration_aws__auth':
+        raise
+    try:
+        import integration_aws_auth as auth
+    except ImportError as e2:
+        if e2.name != 'integration_aws_auth':
+            raise
+        raise ImportError('integration_aws_ec2__main needs integration_aws_auth.py: paste it into '
+                          'Func as the script set `integration_aws`, script `auth` (script id '
+                          'integration_aws__auth), as the README says') from None
 
 LOG = logging.getLogger('integration.aws.ec2')
 
@@ -57,9 +76,11 @@ MEASUREMENT = 'aws_ec2'
 CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempts')
 DEFAULTS = {'page_size': 1000, 'retry_mode': 'adaptive', 'max_attempts': 8}
 MAX_CONCURRENCY = 32
+STOP_GRACE = 2.0      # seconds a stopped collection waits for its threads to end
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
+_LINE_BREAK = re.compile(r'\r\n|[\r\n]')
 TAG_VALUE_MAX_BYTES = 1024
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
@@ -152,12 +173,18 @@ class DataCollector:
         if self._run is not None:
             return
         session = self.session()
+        stop = Cancellation()
         if self._identity is None:
             # Its network wait overlaps the making of the region clients below.
-            sts = session.client('sts', region_name=session.region_name)
+            sts = stop.watch(session.client('sts', region_name=session.region_name,
+                                            config=self._client_config()))
             self._pending_identity = _in_background(
                 auth.describe_identity, session, self.account, cache=self.cache, client=sts)
-        regions = self._resolve_regions(session)
+        try:
+            regions = self._resolve_regions(session)
+        except Exception:
+            stop.cancel()
+            raise
         self.results = [_new_result(r) for r in regions]
         workers = min(self.configs.get('concurrency') or MAX_CONCURRENCY, len(regions)) or 1
         run = {
@@ -169,8 +196,8 @@ class DataCollector:
             # worker waits only while its last page is turned into points, which
             # holds the GIL anyway.
             'slots': threading.Semaphore(workers),
-            'stop': threading.Event(),
-            'pool': ThreadPoolExecutor(max_workers=workers, thread_name_prefix='ec2'),
+            'stop': stop,
+            'pool': _Workers(workers, 'ec2'),
             'gc': _relax_gc(),
         }
         self._run = run
@@ -178,7 +205,7 @@ class DataCollector:
         for result in self.results:
             # Clients come from the one session (not thread-safe to create),
             # each region starting as soon as its client exists.
-            client = session.client('ec2', region_name=result['region'], config=config)
+            client = stop.watch(session.client('ec2', region_name=result['region'], config=config))
             run['pool'].submit(self._fetch_region, client, result, run)
 
     def collect(self):
@@ -240,11 +267,13 @@ class DataCollector:
         pages, stop = run['pages'], run['stop']
         try:
             while _acquire(run['slots'], stop):
+                fetched = False
                 try:
                     resp = self._describe_page(client, params, result, stop)
-                except BaseException:
-                    run['slots'].release()
-                    raise
+                    fetched = True
+                finally:
+                    if not fetched:
+                        run['slots'].release()
                 result['api_calls'] += 1 + resp['ResponseMetadata'].get('RetryAttempts', 0)
                 result['pages'] += 1
                 params['NextToken'] = resp.get('NextToken')
@@ -257,7 +286,8 @@ class DataCollector:
                 result['api_calls'] += 1 + e.response.get('ResponseMetadata', {}).get('RetryAttempts', 0)
             result['error'] = explain_error(e, result['region'])
         except Exception as e:  # a bug must still be reported, not lost in a thread
-            result['error'] = explain_error(e, result['region'])
+            result['error'] = ('stopped: the run ended before this region was collected'
+                               if stop.is_set() else explain_error(e, result['region']))
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
             pages.put(('done', result['region'], None))
@@ -384,11 +414,13 @@ def instance_to_point(instance, region, extra_tags, timestamp):
 
 
 def tag_value(value):
-    """A value a line-protocol tag can carry: one line, no surrounding blanks,
-    at most 1024 bytes; None or '' means "omit the tag"."""
+    """The user's text as a tag value, changed only where line protocol cannot
+    carry it: a line break becomes a space (it would end the line) and the
+    value is cut at 1024 bytes (DataKit's limit). Tabs, runs of spaces and
+    leading or trailing blanks are kept; None or '' means "omit the tag"."""
     if value is None:
         return None
-    text = ' '.join(str(value).split())
+    text = _LINE_BREAK.sub(' ', str(value))
     encoded = text.encode('utf-8')
     if len(encoded) > TAG_VALUE_MAX_BYTES:
         text = encoded[:TAG_VALUE_MAX_BYTES].decode('utf-8', 'ignore')
@@ -523,21 +555,112 @@ def _new_result(region):
 
 
 def _in_background(func, *args, **kwargs):
-    """func(*args, **kwargs) in a thread of its own; a Future of its result."""
+    """func(*args, **kwargs) in a thread of its own; a Future of its result.
+    The future is always settled, so whoever waits on it never hangs."""
     future = Future()
 
     def call():
         try:
             future.set_result(func(*args, **kwargs))
-        except BaseException as e:
+        except Exception as e:
             future.set_exception(e)
-    threading.Thread(target=call, name='identity', daemon=True).start()
+        finally:
+            if not future.done():   # SystemExit and the like: still an answer
+                future.set_exception(RuntimeError(f'{_name(func)} was interrupted'))
+    threading.Thread(target=call, name='integration-identity', daemon=True).start()
     return future
 
 
+class Cancelled(Exception):
+    """Raised inside a watched client once its collection was stopped."""
+
+
+class Cancellation:
+    """Ends a collection's AWS traffic when the run ends early (Func's timeout,
+    an account that failed, an exception anywhere). Threads cannot be killed,
+    so every client it watches refuses to send or retry once cancelled, and
+    the sockets of requests in flight are shut down, so a slow endpoint
+    cannot hold a thread until its read timeout."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._connections = weakref.WeakSet()
+
+    def is_set(self):
+        return self._event.is_set()
+
+    def watch(self, client):
+        events = client.meta.events
+        events.register_first('before-send', self._refuse)
+        events.register_first('needs-retry', self._refuse)
+        # botocore keeps its connection pool classes in a per-client dict;
+        # subclasses of them note each connection they open. Private API:
+        # without it, cancelling still stops new requests and retries.
+        http = getattr(getattr(client, '_endpoint', None), 'http_session', None)
+        pools = getattr(http, '_pool_classes_by_scheme', None)
+        if isinstance(pools, dict):
+            for scheme, base in list(pools.items()):
+                pools[scheme] = self._noting_pool(base)
+        return client
+
+    def cancel(self):
+        self._event.set()
+        for connection in list(self._connections):
+            sock = getattr(connection, 'sock', None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _refuse(self, **_):
+        if self._event.is_set():
+            raise Cancelled('the run ended; request not sent')
+
+    def _noting_pool(self, base):
+        connections = self._connections
+
+        class NotingPool(base):
+            def _new_conn(self):
+                connection = super()._new_conn()
+                connections.add(connection)
+                return connection
+        return NotingPool
+
+
+class _Workers:
+    """A fixed pool of daemon threads. Unlike ThreadPoolExecutor, nothing
+    joins them at interpreter exit, and stop() waits a bounded time."""
+
+    def __init__(self, count, name):
+        self._tasks = queue.Queue()
+        self._threads = [threading.Thread(target=self._work, name=f'integration-{name}-{i}',
+                                          daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, func, *args):
+        self._tasks.put((func, args))
+
+    def _work(self):
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            func, args = task
+            func(*args)
+
+    def stop(self, timeout):
+        for _ in self._threads:
+            self._tasks.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def _finish(run):
-    run['stop'].set()
-    run['pool'].shutdown(wait=True)
+    """End a collection, however it ended: no thread goes on calling AWS."""
+    run['stop'].cancel()
+    # Regions not yet started find the stop set and end at once.
+    run['pool'].stop(STOP_GRACE)
     gc.set_threshold(*run['gc'])
 
 

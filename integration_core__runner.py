@@ -1,5 +1,5 @@
-"""The core Runner of the integration set, and the local runtime for DataFlux Func
-startup scripts.
+"""The core of the integration set: the Runner and DataKit delivery. Pasted
+into DataFlux Func as the script `integration_core__runner`.
 
 Public entry points
     Runner(collector_or_list, debug=False, datakit_id='datakit', force=None).run()
@@ -7,62 +7,50 @@ Public entry points
         DFF.SRC(datakit_id).write_by_category_many(category, batch), 100 points a
         call. Returns a summary; raises RunFailed after everything was delivered
         when anything failed, so Func marks the task failed.
-    python -m integration_core__runner run|serve|check|demo ...
-        (console script `integration-runner`): the same startup scripts on any
-        machine. See `--help` and the README.
 
 What a collector gives the Runner (integration_aws_ec2__main.DataCollector does)
     title, category ('custom_object' or 'metric'), min_interval (seconds),
     state_key (str), optional start() and cancel() (begin collecting before the
-    identity call; stop when the account fails),
+    identity call; stop when the account fails or the run ends early),
     identity() -> {'method', 'account_id', 'arn', 'partition'},
     collect() -> iterator of {'measurement', 'tags', 'fields', 'timestamp'},
     results (after collect: one dict per region with 'region', 'instances',
     'pages', 'api_calls', 'seconds', 'error'), check() -> [{'region', 'ok', 'reason'}].
 
-Inside Func the real DFF is used. Outside Func (`run`, `serve`, `check`) a local
-stand-in provides DFF.API, DFF.SRC/CONN (a DataKit HTTP client), DFF.CACHE (files
-of mode 0600) and DFF.ENV (environment variables).
+Inside Func the real DFF is used, and every log line of a run, worker threads'
+included, goes to the task log through Func's print (the only thing its task
+log shows). Outside Func the local runtime (the `integration_local` package,
+never pasted: `integration-runner run|serve|check|demo`) provides DFF and the
+same lines go to the console.
 
-Environment
-    DATAKIT_URL             DataKit for the local runtime (http://127.0.0.1:9529).
-    INTEGRATION_STATE_DIR   spool, dead letters, cache (~/.cache/dataflux-integration).
+What outlives a Func task: DFF.CACHE (Func's Redis: the last collection time,
+and the credentials cache of integration_aws__auth) and the spool files on the
+worker's disk. Module globals do not: Func runs every module body again in
+every task.
+
+Environment (or, inside Func, a Func environment variable of the same name)
     INTEGRATION_FORCE=1     collect even when the last collection is fresh.
+    INTEGRATION_STATE_DIR   spool and dead letters (~/.cache/dataflux-integration).
 """
-import argparse
-import builtins
 import contextlib
 import datetime
 import fcntl
-import gzip
 import hashlib
 import json
 import logging
 import math
 import os
-import random
 import re
-import signal
-import sys
 import tempfile
-import threading
 import time
 import traceback
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 
 LOG = logging.getLogger('integration.core')
 
-DEFAULT_DATAKIT_URL = 'http://127.0.0.1:9529'
 BATCH_SIZE = 100                 # what Func's own DataKit helper sends per request
 MIN_INTERVAL = {'custom_object': 900, 'object': 900, 'metric': 60}
-GZIP_THRESHOLD = 16 * 1024       # bytes of line protocol above which we gzip
-WRITE_ATTEMPTS = 4
-WRITE_TIMEOUT = 30.0
-SOURCE = 'dataflux-func-integration'
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LOG_FORMAT = '[%(levelname)s] %(message)s'
 
 
 class ConfigError(ValueError):
@@ -102,10 +90,6 @@ class InvalidPoint(DataKitError):
         self.body = message
 
 
-class JobTimeout(BaseException):
-    """A run past its @DFF.API timeout; like Func's, `except Exception` can't catch it."""
-
-
 # --------------------------------------------------------------------------
 # The Runner
 # --------------------------------------------------------------------------
@@ -129,14 +113,12 @@ class Runner:
                               "must be a non-empty string, e.g. 'datakit'")
         self.debug = bool(debug)
         self.datakit_id = datakit_id
-        if force is None:
-            force = _RUNTIME.get('force') or _env_flag('INTEGRATION_FORCE')
-        self.force = bool(force)
+        self.force = force
 
     def run(self):
         dff = current_dff()
         quiet_sdk_loggers()
-        with log_to_stdout():
+        with task_log():
             if _RUNTIME.get('mode') == 'check':
                 return self._check()
             return self._run(dff)
@@ -151,8 +133,9 @@ class Runner:
         if delivery:
             delivery.resend_spool()
         summary = {'points_written': 0, 'points_collected': 0, 'collectors': []}
+        force = self.force if self.force is not None else force_requested(dff)
         for number, collector in enumerate(self.collectors, 1):
-            summary['collectors'].append(self._run_collector(number, collector, dff, delivery))
+            summary['collectors'].append(self._run_collector(number, collector, dff, delivery, force))
         if delivery:
             summary['points_written'] = delivery.written
             summary['points_spooled'] = delivery.spooled
@@ -168,34 +151,42 @@ class Runner:
             raise RunFailed('; '.join(failures), summary)
         return summary
 
-    def _run_collector(self, number, collector, dff, delivery):
+    def _run_collector(self, number, collector, dff, delivery, force):
         label = f'[#{number} {collector.title}]'
         status = {'number': number, 'title': collector.title, 'points': 0,
                   'status': 'ok', 'error': None, 'regions': [], 'identity': None}
         state_key = f'integration_core:last_success:{collector.state_key}'
         interval = getattr(collector, 'min_interval', MIN_INTERVAL.get(collector.category, 0))
-        if not (self.debug or self.force):
+        if not (self.debug or force):
             age = _last_success_age(dff, state_key)
             if age is not None and age < interval:
                 LOG.info('%s skipped: last collection %d s ago is under %d s '
                          '(set INTEGRATION_FORCE=1 or use --force to collect anyway)', label, age, interval)
                 status['status'] = 'skipped'
                 return status
+        cancel = getattr(collector, 'cancel', lambda: None)
+        identified = False
         try:
             # start() (optional) lets the identity call overlap the first pages.
             getattr(collector, 'start', lambda: None)()
             ident = collector.identity()
+            identified = True
         except Exception as e:  # the account as a whole failed: one line, not one per region
-            getattr(collector, 'cancel', lambda: None)()
             return _fail(status, label, f'account: {_one_line(e)}')
+        finally:
+            # Also on Func's timeout, which no `except Exception` sees: the
+            # collector's threads must stop calling AWS when the task ends.
+            if not identified:
+                cancel()
         status['identity'] = ident
         LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
                  ident.get('partition'), ident.get('arn'), ident.get('method'))
         started = time.monotonic()
         failed_before = delivery.failed_points if delivery else 0
         batch = []
+        points = collector.collect()
         try:
-            for point in collector.collect():
+            for point in points:
                 batch.append(point)
                 status['points'] += 1
                 if len(batch) >= BATCH_SIZE:
@@ -206,6 +197,11 @@ class Runner:
             LOG.debug('collector traceback:\n%s', traceback.format_exc())
             self._write(delivery, collector.category, batch)
             _fail(status, label, f'collection stopped: {_one_line(e)}')
+        finally:
+            # A timeout raised while we were writing leaves the generator
+            # suspended: close it now so its threads stop, not at GC time.
+            getattr(points, 'close', lambda: None)()
+            cancel()
         for region in getattr(collector, 'results', []):
             status['regions'].append(region)
             if region.get('error'):
@@ -285,10 +281,6 @@ def _one_line(error, limit=1000):
     if len(text) > limit:
         text = text[:limit] + '...'
     return text if isinstance(error, (ConfigError, RunFailed)) else f'{type(error).__name__}: {text}'
-
-
-def _env_flag(name):
-    return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')
 
 
 # --------------------------------------------------------------------------
@@ -430,107 +422,6 @@ class Spool:
 # DataKit HTTP client (the local DFF.SRC) and line protocol
 # --------------------------------------------------------------------------
 
-class DataKitClient:
-    """POST /v1/write/<category>?input=...&precision=ns with the write methods of
-    Func's DataKit connector; each returns (status, body) and raises on >= 400."""
-
-    def __init__(self, url=DEFAULT_DATAKIT_URL, source=SOURCE, timeout=WRITE_TIMEOUT,
-                 attempts=WRITE_ATTEMPTS, sleep=time.sleep):
-        self.url = url.rstrip('/')
-        self.target = self.url
-        self.source = source
-        self.timeout = timeout
-        self.attempts = attempts
-        self.sleep = sleep
-
-    def __repr__(self):
-        return f'<DataKitClient {self.url}>'
-
-    def write_by_category(self, category, measurement, tags=None, fields=None, timestamp=None):
-        return self.write_by_category_many(category, [
-            {'measurement': measurement, 'tags': tags, 'fields': fields, 'timestamp': timestamp}])
-
-    def write_by_category_many(self, category, data):
-        return self._post(category, '\n'.join(encode_points(data)).encode('utf-8'))
-
-    def write_metric(self, measurement, tags=None, fields=None, timestamp=None):
-        return self.write_by_category('metric', measurement, tags, fields, timestamp)
-
-    def write_metric_many(self, data):
-        return self.write_by_category_many('metric', data)
-
-    def write_logging(self, source, message=None, tags=None, fields=None, timestamp=None):
-        fields = dict(fields or {})
-        if message is not None:
-            fields['message'] = message
-        return self.write_by_category('logging', source, tags, fields, timestamp)
-
-    def write_logging_many(self, data):
-        return self.write_by_category_many('logging', data)
-
-    def _post(self, category, body):
-        query = urllib.parse.urlencode({'input': self.source, 'precision': 'ns'})
-        headers = {'Content-Type': 'text/plain; charset=utf-8'}
-        if len(body) > GZIP_THRESHOLD:
-            body = gzip.compress(body, compresslevel=5)
-            headers['Content-Encoding'] = 'gzip'
-        url = f'{self.url}/v1/write/{urllib.parse.quote(category)}?{query}'
-        error = None
-        for attempt in range(1, self.attempts + 1):
-            request = urllib.request.Request(url, data=body, headers=headers, method='POST')
-            retry_after = None
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    return resp.status, resp.read().decode('utf-8', 'replace')
-            except urllib.error.HTTPError as e:
-                text = e.read().decode('utf-8', 'replace')[:2000]
-                error = DataKitError(e.code, _datakit_message(text) or e.reason)
-                if error.rejected:
-                    raise error from None
-                retry_after = e.headers.get('Retry-After')
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, 'reason', e)
-                error = DataKitError(None, f'{self.url}: {reason}')
-            if attempt < self.attempts:
-                delay = _backoff(attempt, retry_after)
-                LOG.warning('[DataKit] %s; retry %d/%d in %.1f s', error, attempt,
-                            self.attempts - 1, delay)
-                self.sleep(delay)
-        raise error
-
-
-def _datakit_message(text):
-    try:
-        data = json.loads(text)
-        return f"{data.get('error_code', '')}: {data.get('message', '')}".strip(': ')
-    except (ValueError, AttributeError):
-        return text.strip()
-
-
-def _backoff(attempt, retry_after=None):
-    if retry_after and str(retry_after).isdigit():
-        return min(float(retry_after), 30.0)
-    return min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-
-
-class LineProtocolWriter:
-    """The local DFF.SRC for `--output -|FILE`: prints line protocol instead."""
-
-    def __init__(self, stream, name):
-        self.stream = stream
-        self.target = name
-
-    def write_by_category_many(self, category, data):
-        for line in encode_points(data):
-            self.stream.write(line + '\n')
-        self.stream.flush()
-        return 200, ''
-
-    def write_by_category(self, category, measurement, tags=None, fields=None, timestamp=None):
-        return self.write_by_category_many(category, [
-            {'measurement': measurement, 'tags': tags, 'fields': fields, 'timestamp': timestamp}])
-
-
 def encode_points(data):
     """Line protocol for a batch; a point that cannot be encoded is InvalidPoint
     (so Delivery narrows the batch to it instead of spooling it forever)."""
@@ -623,120 +514,73 @@ def _lp_timestamp(value):
 # DFF: Func's, or the local stand-in
 # --------------------------------------------------------------------------
 
-_RUNTIME = {}   # the local runtime's state: 'dff', 'mode' ('run' or 'check')
+_RUNTIME = {}   # set by the local runtime only: 'dff', 'mode' ('run' or 'check'), 'force'
+
+
+def in_func():
+    """Func injects DFF as a global into every script it loads, this one too."""
+    return 'DFF' in globals()
 
 
 def current_dff():
-    """Func's DFF when running inside Func (it injects a global), else the local
-    runtime's stand-in, created on first use."""
-    dff = globals().get('DFF') or getattr(builtins, 'DFF', None)
-    if dff is not None:
-        return dff
-    if 'dff' not in _RUNTIME:
-        _RUNTIME['dff'] = LocalDFF()
-    return _RUNTIME['dff']
+    """Func's DFF inside Func, else the local runtime's stand-in."""
+    if in_func():
+        return globals()['DFF']
+    dff = _RUNTIME.get('dff')
+    if dff is None:
+        raise ConfigError('there is no DFF here: run the startup script inside DataFlux Func, '
+                          'or on this machine with `integration-runner run SCRIPT`')
+    return dff
 
 
 def default_cache():
-    """The cache collectors keep credentials in: DFF.CACHE, Func's or ours."""
-    return current_dff().CACHE
+    """The cache collectors keep credentials in: DFF.CACHE, Func's or the local
+    runtime's; for a program that uses the modules as a library without
+    either, one in memory for the life of the process."""
+    if in_func() or _RUNTIME.get('dff') is not None:
+        return current_dff().CACHE
+    return _RUNTIME.setdefault('memory_cache', MemoryCache())
 
 
-class LocalDFF:
-    """What a startup script needs of DFF, outside Func."""
+class MemoryCache:
+    """DFF.CACHE's get/set/delete in memory (string values, expiry honoured)."""
 
-    def __init__(self, datakit_url=None, output=None, cache=None, sleep=time.sleep):
-        self.datakit_url = datakit_url or os.environ.get('DATAKIT_URL') or DEFAULT_DATAKIT_URL
-        self.output = output
-        self.sleep = sleep
-        self.CACHE = cache or FileCache()
-        self.apis = []
-
-    def API(self, title, category='general', tags=None, timeout=None, cache_result=None,
-            fixed_crontab=None, expires=None, **options):
-        api = _check_api(title, timeout, fixed_crontab)
-
-        def register(func):
-            api['func'] = func
-            api['name'] = func.__name__
-            self.apis.append(api)
-            return func
-        return register
-
-    def SRC(self, connector_id='datakit', **_):
-        if self.output is not None:
-            return self.output
-        return DataKitClient(self.datakit_url, sleep=self.sleep)
-
-    CONN = SRC
-
-    @staticmethod
-    def ENV(name):
-        value = os.environ.get(name)
-        if value is None:
-            return None
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-
-
-def _check_api(title, timeout, fixed_crontab):
-    if not isinstance(title, str) or not title.strip():
-        raise ConfigError('@DFF.API(title, ...): the title must be a non-empty string')
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
-                                or not 1 <= timeout <= 3600):
-        raise ConfigError(f'@DFF.API({title!r}, timeout={timeout!r}): timeout must be a whole '
-                          'number of seconds from 1 to 3600')
-    if fixed_crontab is not None:
-        _check_crontab(fixed_crontab, f'@DFF.API({title!r}, fixed_crontab={fixed_crontab!r})')
-    return {'title': title, 'timeout': timeout or 30, 'fixed_crontab': fixed_crontab}
-
-
-def _check_crontab(expression, where):
-    import croniter
-    if not isinstance(expression, str) or len(expression.split()) != 5:
-        raise ConfigError(f'{where}: a crontab must have 5 fields (minute hour day month '
-                          "weekday), e.g. '*/15 * * * *'; Func has no seconds field")
-    if not croniter.croniter.is_valid(expression):
-        raise ConfigError(f'{where}: not a valid crontab expression; e.g. \'*/15 * * * *\'')
-
-
-class FileCache:
-    """DFF.CACHE on disk: string values, expiry honoured, files of mode 0600
-    named by a hash of the key."""
-
-    def __init__(self, root=None, clock=time.time):
-        self.dir = os.path.join(root or state_dir(), 'cache')
-        self.clock = clock
-
-    def _path(self, key, scope=None):
-        digest = hashlib.sha256(f'{scope or ""}\0{key}'.encode()).hexdigest()
-        return os.path.join(self.dir, digest + '.json')
+    def __init__(self, clock=time.time):
+        self._entries = {}
+        self._clock = clock
 
     def get(self, key, scope=None):
-        try:
-            with open(self._path(key, scope), encoding='utf-8') as f:
-                entry = json.load(f)
-        except (FileNotFoundError, ValueError):
-            return None
-        if entry.get('expires') is not None and entry['expires'] <= self.clock():
+        value, expires = self._entries.get((scope, key), (None, None))
+        if expires is not None and expires <= self._clock():
             self.delete(key, scope)
             return None
-        return entry['value']
+        return value
 
-    def set(self, key, value, scope=None, expire=None):
-        expires = self.clock() + expire if expire else None
-        atomic_write(self._path(key, scope), json.dumps({'value': str(value), 'expires': expires}))
+    def set(self, key, value, scope=None, expires=None, expire=None):
+        seconds = expires or expire
+        self._entries[(scope, key)] = (str(value), self._clock() + seconds if seconds else None)
 
     def delete(self, key, scope=None):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self._path(key, scope))
+        self._entries.pop((scope, key), None)
 
-    def expire(self, key, seconds, scope=None):
-        value = self.get(key, scope)
-        if value is not None:
-            self.set(key, value, scope, expire=seconds)
+
+def force_requested(dff):
+    """INTEGRATION_FORCE from the process environment or, inside Func, from a
+    Func environment variable (DFF.ENV casts it to a bool, a number or text)."""
+    values = [_RUNTIME.get('force'), os.environ.get('INTEGRATION_FORCE')]
+    if in_func():
+        try:
+            values.append(dff.ENV('INTEGRATION_FORCE'))
+        except Exception as e:   # an unreadable variable must not stop collection
+            LOG.warning('[Runner] cannot read the Func environment variable INTEGRATION_FORCE: %s',
+                        _one_line(e))
+    return any(_truthy(v) for v in values)
+
+
+def _truthy(value):
+    if isinstance(value, str):
+        return value.strip().lower() in ('1', 'true', 'yes', 'on')
+    return value is not None and bool(value)
 
 
 def state_dir():
@@ -765,10 +609,10 @@ def atomic_write(path, text):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
+        # Any exit before the rename, a Func timeout included, leaves no temp file.
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
     return path
 
 
@@ -797,371 +641,58 @@ def quiet_sdk_loggers():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is now (Func and test runners swap it)."""
+class PrintHandler(logging.Handler):
+    """Sends each record to `print`. Inside Func that name is Func's own print,
+    the only way into the task log, and it works from any thread; elsewhere
+    it is the console."""
 
-    def __init__(self):
-        super().__init__()
-        self.setFormatter(logging.Formatter('[%(levelname)s] %(message)s'))
+    marker = 'integration_task_log'
 
-    @property
-    def stream(self):
-        return sys.stdout
+    def __init__(self, level=logging.NOTSET):
+        super().__init__(level)
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        setattr(self, self.marker, True)
 
-    @stream.setter
-    def stream(self, value):
-        pass
+    def emit(self, record):
+        try:
+            print(self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
-def _attach_stdout_handler(logger):
-    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-        logger.addHandler(_StdoutHandler())
+def _ours(handler):
+    # By marker, not class: Func runs this module again in every task, so a
+    # handler a killed task left behind is of another class object.
+    return getattr(handler, PrintHandler.marker, False)
 
 
 @contextlib.contextmanager
-def log_to_stdout():
-    """Func's task log is what a script prints: send our log lines there.
-    Outside Func, only when the application did not configure logging itself."""
+def task_log():
+    """Route the run's log lines (the `integration` loggers) to print for the
+    length of the run. Inside Func always, and only there (Func would send
+    `logging` output to the worker's own stdout, which users never see).
+    Outside Func, unless the application configured logging itself."""
     root = logging.getLogger('integration')
-    in_func = (globals().get('DFF') or getattr(builtins, 'DFF', None)) is not None
-    if root.handlers or (logging.getLogger().handlers and not in_func):
+    if not in_func() and (root.handlers or logging.getLogger().handlers):
         yield
         return
-    _attach_stdout_handler(root)
-    if root.level == logging.NOTSET:
+    saved = root.handlers[:], root.level, root.propagate
+    root.handlers = [h for h in root.handlers if not _ours(h)] + [PrintHandler()]
+    if in_func():
+        root.propagate = False
+        root.setLevel(logging.INFO)
+    elif root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.handlers = [h for h in root.handlers if not isinstance(h, _StdoutHandler)]
-
-
-# --------------------------------------------------------------------------
-# The command line: run, serve, check, demo
-# --------------------------------------------------------------------------
-
-def main(argv=None):
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
-    try:
-        return args.handler(args)
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        if args.verbose > 1:
-            traceback.print_exc()
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line, like every other mistake."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f'error: {message} (see {self.prog} --help)\n')
-
-
-def _parser():
-    parser = _ArgumentParser(
-        prog='integration-runner',
-        description='Run DataFlux Func startup scripts of the integration set on this machine.')
-    sub = parser.add_subparsers(dest='command', required=True)
-
-    def command(name, handler, help_text, script=True):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if script:
-            p.add_argument('script', help='a startup script, as pasted into Func')
-            p.add_argument('--func', help='the @DFF.API function to run (default: every one)')
-        p.add_argument('-v', '--verbose', action='count', default=0,
-                       help='more log (-vv also shows tracebacks); never secrets')
-        p.set_defaults(handler=handler)
-        return p
-
-    run = command('run', _cmd_run, 'run the script\'s @DFF.API function(s) once')
-    _add_target(run)
-    run.add_argument('--force', action='store_true',
-                     help='collect even if the last collection is under 15 minutes old')
-    serve = command('serve', _cmd_serve, 'run each @DFF.API function on its fixed_crontab')
-    _add_target(serve)
-    command('check', _cmd_check, 'show the identity and each region\'s access; write nothing')
-    command('demo', _cmd_demo, 'run the four startup scripts against an embedded AWS emulator',
-            script=False)
-    return parser
-
-
-def _add_target(p):
-    target = p.add_mutually_exclusive_group()
-    target.add_argument('--datakit', metavar='URL',
-                        help=f'DataKit to write to (default $DATAKIT_URL or {DEFAULT_DATAKIT_URL})')
-    target.add_argument('--output', metavar='-|FILE', help='print line protocol instead of writing')
-
-
-def _setup_logging(verbose):
-    root = logging.getLogger('integration')
-    _attach_stdout_handler(root)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    quiet_sdk_loggers()
-
-
-def load_script(path, dff):
-    """Exec a startup script as Func would: DFF a global, its siblings importable."""
-    if not os.path.isfile(path):
-        raise ConfigError(f'{path}: no such startup script')
-    with open(path, encoding='utf-8') as f:
-        source = f.read()
-    for directory in (os.path.dirname(os.path.abspath(__file__)),
-                      os.path.dirname(os.path.abspath(path))):
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-    try:
-        code = compile(source, path, 'exec')
-    except SyntaxError as e:
-        raise ConfigError(f'{path}:{e.lineno}: syntax error: {e.msg}') from None
-    namespace = {'DFF': dff, '__name__': '__dff_script__', '__file__': path}
-    _RUNTIME['dff'] = dff
-    try:
-        exec(code, namespace)
-    except ConfigError as e:
-        raise ConfigError(f'{path}: {e}') from None
-    except Exception as e:
-        raise ConfigError(f'{path}: the script failed while loading: {_one_line(e)} '
-                          f'(line {_script_line(e, path)}); fix it and run again') from None
-    if not dff.apis:
-        raise ConfigError(f'{path}: no function decorated with @DFF.API(...): nothing to run')
-    return dff.apis
-
-
-def _script_line(error, path):
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if frame.filename == path:
-            return frame.lineno
-    return '?'
-
-
-def _select(apis, name, path):
-    if not name:
-        return apis
-    chosen = [a for a in apis if a['name'] == name]
-    if not chosen:
-        raise ConfigError(f'{path}: no @DFF.API function named {name!r}; it has: '
-                          + ', '.join(a['name'] for a in apis))
-    return chosen
-
-
-def _local_dff(args):
-    url = getattr(args, 'datakit', None)
-    if url is not None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ('http', 'https') or not parts.netloc:
-            raise ConfigError(f'--datakit {url!r} is not a URL: give DataKit\'s address, '
-                              f'e.g. {DEFAULT_DATAKIT_URL}')
-    output = None
-    if getattr(args, 'output', None):
-        output = (LineProtocolWriter(sys.stdout, 'stdout') if args.output == '-'
-                  else LineProtocolWriter(open(args.output, 'a', encoding='utf-8'), args.output))
-    return LocalDFF(datakit_url=getattr(args, 'datakit', None), output=output)
-
-
-def _cmd_run(args):
-    _RUNTIME['force'] = args.force
-    dff = _local_dff(args)
-    apis = _select(load_script(args.script, dff), args.func, args.script)
-    status = EXIT_OK
-    with _script_lock(args.script):
-        for api in apis:
-            status = max(status, run_api(api, verbose=args.verbose))
-    return status
-
-
-def run_api(api, verbose=0):
-    """Run one @DFF.API function with its timeout; the exit status it earns."""
-    LOG.info('[Func] %s: %s()', api['title'], api['name'])
-    try:
-        with _alarm(api['timeout']):
-            api['func']()
-    except JobTimeout:
-        LOG.error('[Func] %s: stopped after its timeout of %d s', api['title'], api['timeout'])
-        return EXIT_FAILED
-    except RunFailed as e:
-        LOG.error('[Func] %s failed: %s', api['title'], e)
-        return EXIT_FAILED
-    except ConfigError as e:
-        print(f"error: {api['title']}: {e}", file=sys.stderr)
-        if verbose > 1:
-            traceback.print_exc()
-        return EXIT_USAGE
-    except Exception as e:
-        LOG.error('[Func] %s failed: %s', api['title'], _one_line(e))
-        if verbose > 1:
-            traceback.print_exc()
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-@contextlib.contextmanager
-def _alarm(seconds):
-    """Func kills a run past its timeout; SIGALRM does the same here."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum, frame):
-        raise JobTimeout()
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(int(seconds))
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def _script_lock(path):
-    """Two runs of one script at once: the second waits for the first."""
-    digest = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
-    lock_path = os.path.join(state_dir(), 'locks', digest + '.lock')
-    _makedirs(os.path.dirname(lock_path))
-    with open(lock_path, 'a') as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            LOG.warning('[Func] another run of %s is in progress; waiting for it', path)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _cmd_check(args):
-    dff = _local_dff(args)
-    apis = _select(load_script(args.script, dff), args.func, args.script)
-    _RUNTIME['mode'] = 'check'
-    try:
-        for api in apis:
-            LOG.info('[Func] %s: checking', api['title'])
-            api['func']()
-    finally:
-        _RUNTIME.pop('mode', None)
-    rows = _RUNTIME.pop('check_rows', [])
-    return EXIT_OK if rows and all(r[2] == 'OK' for r in rows) else EXIT_FAILED
-
-
-def _cmd_serve(args, clock=time.time, stop=None):
-    dff = _local_dff(args)
-    apis = _select(load_script(args.script, dff), args.func, args.script)
-    for api in apis:
-        if not api['fixed_crontab']:
-            raise ConfigError(f"{args.script}: @DFF.API({api['title']!r}) has no fixed_crontab to serve")
-    return Scheduler(apis, verbose=args.verbose, clock=clock, stop=stop).serve()
-
-
-class Scheduler:
-    """Func's scheduling: each job on its crontab, matched once a minute; a job
-    whose previous run is still going is skipped; a run past its timeout is
-    killed. Each run is a child process, so a hung run cannot hang the rest."""
-
-    def __init__(self, apis, verbose=0, clock=time.time, stop=None, tick=1.0, grace=30.0):
-        import croniter
-        self.apis = apis
-        self.verbose = verbose
-        self.clock = clock
-        self.stop = stop or threading.Event()
-        self.tick = tick
-        self.grace = grace
-        self.running = {}
-        self.next_fire = {}
-        self.croniter = croniter.croniter
-        self.history = []   # (name, event) for tests and the log
-
-    def serve(self):
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, lambda *_: self.stop.set())
-        for api in self.apis:
-            self.next_fire[api['name']] = self._next(api, self.clock())
-            LOG.info('[serve] %s: %s, next run at %s', api['title'], api['fixed_crontab'],
-                     _fmt_epoch(self.next_fire[api['name']]))
-        try:
-            while not self.stop.is_set():
-                now = self.clock()
-                self._reap()
-                for api in self.apis:
-                    if now >= self.next_fire[api['name']]:
-                        self.next_fire[api['name']] = self._next(api, now)
-                        self._fire(api, now)
-                self.stop.wait(self.tick)
-        finally:
-            self._drain()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return EXIT_OK
-
-    def _drain(self):
-        """Stopping: let running jobs finish (up to `grace` seconds), like a
-        worker shutting down warm, then terminate what is left."""
-        LOG.info('[serve] stopping%s', f', waiting up to {self.grace:g} s for '
-                 f'{len(self.running)} running job(s)' if self.running else '')
-        deadline = time.monotonic() + self.grace
-        for name, (proc, _) in self.running.items():
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                LOG.warning('[serve] %s: still running; terminating it', name)
-                proc.terminate()
-                proc.join(10)
-
-    def _next(self, api, now):
-        return self.croniter(api['fixed_crontab'], now).get_next(float)
-
-    def _fire(self, api, now):
-        import multiprocessing
-        name = api['name']
-        if name in self.running:
-            LOG.warning('[serve] %s: previous run not finished; skipping this tick', api['title'])
-            self.history.append((name, 'skipped'))
-            return
-        proc = multiprocessing.get_context('fork').Process(
-            target=_child_run, args=(api, self.verbose), daemon=True)
-        proc.start()
-        # A duration, so measured on the monotonic clock, not the schedule's.
-        self.running[name] = (proc, time.monotonic() + api['timeout'])
-        self.history.append((name, 'started'))
-
-    def _reap(self):
-        now = time.monotonic()
-        for name, (proc, deadline) in list(self.running.items()):
-            if not proc.is_alive():
-                proc.join()
-                self.history.append((name, f'exit {proc.exitcode}'))
-                del self.running[name]
-            elif now > deadline:
-                LOG.error('[serve] %s: killed after its timeout', name)
-                proc.kill()
-                proc.join()
-                self.history.append((name, 'killed'))
-                del self.running[name]
-
-
-def _child_run(api, verbose):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    sys.exit(run_api(api, verbose))
-
-
-def _fmt_epoch(value):
-    return datetime.datetime.fromtimestamp(value).strftime('%Y-%m-%d %H:%M:%S')
-
-
-def _cmd_demo(args):
-    try:
-        import demo_emulator
-    except ImportError as e:
-        raise ConfigError(f'the demo needs the emulator: pip install ".[demo]" ({e})') from None
-    return demo_emulator.run_demo(verbose=args.verbose)
+        root.handlers, root.level, root.propagate = saved
+        root.handlers = [h for h in root.handlers if not _ours(h)]
 
 
 if __name__ == '__main__':
-    # Run as the importable module, so startup scripts that import
-    # integration_core__runner share our state instead of a second copy.
-    import integration_core__runner
-    sys.exit(integration_core__runner.main())
+    # `python -m integration_core__runner ...`: the local runtime's command
+    # line. (Inside Func __name__ is the script id, so this never runs there.)
+    import sys
+    from integration_local.cli import main
+    sys.exit(main())

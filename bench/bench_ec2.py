@@ -167,6 +167,7 @@ def _child(kind, url, regions, queue_out):
     logging.getLogger('integration').setLevel(logging.WARNING)
     account = {'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'benchmark-secret-not-real'}
     import integration_core__runner as core
+    import integration_local.runtime as local_runtime
     import integration_aws_ec2__main as ec2
     import integration_aws_auth as auth
     # Warm-up: what a long-lived worker has loaded already (service models).
@@ -176,7 +177,7 @@ def _child(kind, url, regions, queue_out):
     wall, cpu = time.perf_counter(), time.process_time()
     if kind == 'ours':
         sink = open(os.devnull, 'w')
-        dff = core.LocalDFF(output=core.LineProtocolWriter(sink, 'null'))
+        dff = local_runtime.LocalDFF(output=local_runtime.LineProtocolWriter(sink, 'null'))
         core._RUNTIME['dff'] = dff
         summary = core.Runner(ec2.DataCollector(account, {'regions': regions})).run()
         points = summary['points_written']

@@ -76,7 +76,10 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.setenv('INTEGRATION_STATE_DIR', str(tmp_path / 'state'))
     monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
     import integration_core__runner as core
+    import integration_local.runtime as local
     core._RUNTIME.clear()
+    # As `integration-runner` does: a local DFF (its cache under the tmp state dir).
+    local.install(local.LocalDFF())
     yield
 
 

