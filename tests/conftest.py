@@ -14,6 +14,22 @@ sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 from demo_emulator import AwsEmulator, USER_POLICY  # noqa: E402
 
+IN_CI = os.environ.get('CI', '').lower() == 'true'
+
+
+def outside_material(path, what):
+    """Material from beside the repository (../shared): its path when it is
+    there; else the test is skipped with one line saying what is missing, or,
+    under CI (CI=true), where it must be there, fails."""
+    path = os.path.normpath(path)
+    if os.path.exists(path):
+        return path
+    message = f'{what} is missing: expected at {path}'
+    if IN_CI:
+        pytest.fail(f'{message} (CI=true: it must be there)', pytrace=False)
+    pytest.skip(message)
+
+
 LOOPBACK_NAMES = {'localhost', 'localhost.localdomain', 'ip6-localhost'}
 _blocked = []
 _real_getaddrinfo = socket.getaddrinfo

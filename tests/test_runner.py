@@ -14,7 +14,7 @@ import pytest
 import integration_core__runner as core
 import integration_local.cli as local_cli
 import integration_local.runtime as local_runtime
-from conftest import ROOT
+from conftest import ROOT, outside_material
 from influx import Influx
 from servers import DataKitReceiver
 
@@ -423,10 +423,45 @@ def test_seed_scripts_run_unmodified(seed_estate, write_script, receiver, name):
         assert secret not in out + result.stderr
 
 
+@pytest.mark.parametrize('filename', ['org.py', 'secrets.py', 'copy.py', 'json.py'])
+def test_a_script_named_like_a_library_module_runs(seed_estate, write_script, receiver, filename):
+    """The script's folder is not put on sys.path: org.py (which `copy` probes
+    for Jython), secrets.py, copy.py or json.py replace no module, and the
+    integration modules beside it still import."""
+    path = write_script('1_iam_user.py', seed_estate, filename=filename)
+    result = cli('run', path, '--datakit', receiver.url, '--force')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(seed_estate['ids']) <= set(receiver.names())
+    out = result.stdout + result.stderr
+    if filename != 'org.py':    # no module `org` exists to be confused with
+        stem = filename[:-3]
+        assert (f"has the name of the module {stem!r}" in out
+                and f'`import {stem}` anywhere means that module, never this file' in out), out
+
+
+def test_siblings_beside_the_script_are_found_by_script_id(seed_estate, tmp_path, receiver):
+    """Modules saved beside the script under their Func script ids (as a user
+    copies them out of Func) are what the script imports."""
+    from paste_table import paste_table
+    from demo_emulator import fill_placeholders
+    folder = tmp_path / 'scripts'
+    folder.mkdir()
+    for name, script_id in paste_table().items():
+        text = open(os.path.join(ROOT, name), encoding='utf-8').read()
+        (folder / f'{script_id}.py').write_text(text.replace('"""', '"""[copy beside the script] ', 1))
+    script = folder / 'my_ec2.py'
+    script.write_text(fill_placeholders(open(os.path.join(ROOT, 'scripts', '1_iam_user.py')).read(),
+                                        seed_estate) + '\nimport integration_aws__auth as _a\n'
+                      'assert _a.__doc__.startswith("[copy beside the script]"), _a.__file__\n')
+    result = cli('run', str(script), '--datakit', receiver.url, '--force')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(seed_estate['ids']) <= set(receiver.names())
+
+
 def test_scripts_match_the_seed_page():
     """Character for character apart from placeholders and indentation."""
-    seed_path = os.path.join(ROOT, '..', 'shared', 'seed', '000_17d36fb815bf6420.txt')
-    assert os.path.exists(seed_path), 'the user\'s page is expected at ../shared/seed/'
+    seed_path = outside_material(os.path.join(ROOT, '..', 'shared', 'seed', '000_17d36fb815bf6420.txt'),
+                                 "the user's page (../shared/seed)")
     seed = open(seed_path, encoding='utf-8').read()
     for name in SEED_SCRIPTS:
         text = open(os.path.join(ROOT, 'scripts', name), encoding='utf-8').read()
