@@ -32,7 +32,6 @@ import contextlib
 import datetime
 import difflib
 import gc
-import hashlib
 import json
 import logging
 import queue
@@ -137,9 +136,12 @@ class DataCollector:
 
     @property
     def state_key(self):
-        """Which estate this is, for the Runner's "collected recently" record."""
-        who = [self.account.get(k) for k in ('ak_id', 'assume_role_arn', 'serial_number')]
-        return 'aws_ec2:' + hashlib.sha256(json.dumps([who, self.regions]).encode()).hexdigest()[:24]
+        """Which collection this is, for the Runner's "collected recently"
+        record: everything that changes its output (never a secret)."""
+        who = [self.account.get(k) for k in ('ak_id', 'assume_role_arn', 'external_id',
+                                              'role_session_name', 'serial_number')]
+        return 'aws_ec2:' + core.fingerprint(who, self.regions, self.configs, self.extra_tags,
+                                             self.filters, self.after_collect)
 
     # -- what the Runner calls -------------------------------------------------
 

@@ -97,7 +97,8 @@ class InvalidPoint(DataKitError):
 class Runner:
     """Run collectors in order; write, report and fail loudly, never partially."""
 
-    def __init__(self, collector_or_list, debug=False, datakit_id='datakit', force=None):
+    def __init__(self, collector_or_list, debug=False, datakit_id='datakit', force=None, *,
+                 clock=time.time):
         self.collectors = (list(collector_or_list)
                            if isinstance(collector_or_list, (list, tuple)) else [collector_or_list])
         if not self.collectors:
@@ -114,6 +115,7 @@ class Runner:
         self.debug = bool(debug)
         self.datakit_id = datakit_id
         self.force = force
+        self.clock = clock
 
     def run(self):
         dff = current_dff()
@@ -155,13 +157,18 @@ class Runner:
         label = f'[#{number} {collector.title}]'
         status = {'number': number, 'title': collector.title, 'points': 0,
                   'status': 'ok', 'error': None, 'regions': [], 'identity': None}
-        state_key = f'integration_core:last_success:{collector.state_key}'
+        # Everything that changes what is written: the collector's own key
+        # (account, regions, options, tags, hooks) and where it is written.
+        state_key = (f'integration_core:last_success:{collector.state_key}:'
+                     f'{fingerprint(self.datakit_id)}')
         interval = getattr(collector, 'min_interval', MIN_INTERVAL.get(collector.category, 0))
+        started_at = self.clock()
         if not (self.debug or force):
-            age = _last_success_age(dff, state_key)
-            if age is not None and age < interval:
-                LOG.info('%s skipped: last collection %d s ago is under %d s '
-                         '(set INTEGRATION_FORCE=1 or use --force to collect anyway)', label, age, interval)
+            age = _last_success_age(dff, state_key, started_at)
+            if age is not None and age < interval - schedule_grace(interval):
+                LOG.info('%s skipped: the last collection started %d s ago, under %d s '
+                         '(set INTEGRATION_FORCE=1 or use --force to collect anyway)',
+                         label, age, interval)
                 status['status'] = 'skipped'
                 return status
         cancel = getattr(collector, 'cancel', lambda: None)
@@ -218,7 +225,7 @@ class Runner:
         LOG.info('%s %d point(s) in %.2f s%s', label, status['points'], time.monotonic() - started,
                  f', {undelivered} not delivered (spooled or dead-lettered)' if undelivered else '')
         if status['status'] == 'ok' and not undelivered and not self.debug:
-            _mark_success(dff, state_key, interval)
+            _mark_success(dff, state_key, interval, started_at)
         return status
 
     @staticmethod
@@ -260,20 +267,64 @@ def _failures(summary, delivery):
     return failures
 
 
-def _last_success_age(dff, key):
+def schedule_grace(interval):
+    """How much earlier than `interval` a start may come and still collect.
+
+    The record is when the last successful collection *started*, so a run's
+    own length never delays the next one; the grace absorbs Func starting a
+    tick late (queueing, a busy worker) and an earlier tick early. On a */15
+    schedule every tick collects; a second trigger or a manual run within
+    13 minutes of the last start is skipped. A quarter of the interval, at
+    most 2 minutes: 15 s for metrics collected every minute."""
+    return min(interval / 4.0, 120.0)
+
+
+def _last_success_age(dff, key, now):
     try:
         raw = dff.CACHE.get(key)
-        return time.time() - float(json.loads(raw)['time']) if raw else None
-    except Exception as e:  # a broken cache must not stop collection
-        LOG.warning('[Runner] cannot read the last collection time: %s', _one_line(e))
+        return now - float(json.loads(raw)['started']) if raw else None
+    except Exception as e:  # a broken or foreign record must not stop collection
+        LOG.warning('[Runner] ignoring an unreadable last-collection record: %s', _one_line(e))
         return None
 
 
-def _mark_success(dff, key, interval):
+def _mark_success(dff, key, interval, started_at):
     try:
-        dff.CACHE.set(key, json.dumps({'time': time.time()}), expire=max(1, int(interval)))
+        dff.CACHE.set(key, json.dumps({'started': started_at}), expires=max(1, int(interval)))
     except Exception as e:
         LOG.warning('[Runner] cannot record the collection time: %s', _one_line(e))
+
+
+def fingerprint(*parts):
+    """A short stable hash of values that decide a collection's output, for
+    cache keys: dicts, lists, strings, numbers and functions (a function by
+    its name, code and constants, so two lambdas that differ differ here)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=_describe).encode()).hexdigest()[:24]
+
+
+def _describe(value):
+    code = getattr(value, '__code__', None)
+    if code is not None:
+        closure = [c.cell_contents for c in (getattr(value, '__closure__', None) or ())
+                   if _plain(c)]
+        return ['function', getattr(value, '__qualname__', ''), _code_signature(code),
+                repr(closure)]
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(repr, value))
+    # Never repr() an arbitrary object: it holds an address, new every task.
+    return ['object', type(value).__module__, type(value).__qualname__]
+
+
+def _code_signature(code):
+    return [code.co_code.hex(), [_code_signature(c) if hasattr(c, 'co_code') else repr(c)
+                                 for c in code.co_consts]]
+
+
+def _plain(cell):
+    try:
+        return isinstance(cell.cell_contents, (str, int, float, bool, type(None), list, dict, tuple))
+    except ValueError:   # an empty cell
+        return False
 
 
 def _one_line(error, limit=1000):

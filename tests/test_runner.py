@@ -283,11 +283,70 @@ def test_fresh_collection_is_skipped_unless_forced(local, receiver, monkeypatch,
     second = FakeCollector(3)
     summary = core.Runner(second).run()
     assert second.collected == 0 and summary['collectors'][0]['status'] == 'skipped'
-    assert 'skipped: last collection' in caplog.text and 'INTEGRATION_FORCE=1' in caplog.text
+    assert 'skipped: the last collection started' in caplog.text and 'INTEGRATION_FORCE=1' in caplog.text
     core.Runner(second, force=True).run()
     monkeypatch.setenv('INTEGRATION_FORCE', '1')
     core.Runner(second).run()
     assert second.collected == 2
+
+
+class SlowCollector(FakeCollector):
+    """Takes `duration` seconds of the injected clock to collect."""
+
+    def __init__(self, clock, duration, **kwargs):
+        super().__init__(3, **kwargs)
+        self.clock, self.duration = clock, duration
+
+    def collect(self):
+        self.clock[0] += self.duration
+        yield from super().collect()
+
+
+def test_every_tick_of_a_15_minute_schedule_collects(local, receiver, caplog):
+    """The record is the collection's start: a run's own length (here 60 s)
+    or Func starting a tick 50 s late never makes the next tick skip; only a
+    genuinely early start (a second trigger, a manual run) is skipped."""
+    caplog.set_level('INFO', logger='integration')
+    now = [1_800_000_000.0]
+    collector = SlowCollector(now, duration=60)
+    outcomes = []
+    for start in (0, 900, 1850, 2700, 3600):          # the 1800 tick started 50 s late
+        now[0] = 1_800_000_000.0 + start
+        summary = core.Runner(collector, clock=lambda: now[0]).run()
+        outcomes.append(summary['collectors'][0]['status'])
+    assert outcomes == ['ok'] * 5 and collector.collected == 5
+    for early in (3600 + 30, 3600 + 600):              # a second trigger, a manual run
+        now[0] = 1_800_000_000.0 + early
+        summary = core.Runner(collector, clock=lambda: now[0]).run()
+        assert summary['collectors'][0]['status'] == 'skipped'
+    assert 'skipped: the last collection started 600 s ago, under 900 s' in caplog.text
+    assert core.schedule_grace(900) == 120 and core.schedule_grace(60) == 15
+
+
+def test_collectors_that_write_differently_keep_their_own_record(local, receiver):
+    """Same keys and regions, but other extra_tags, filters, after_collect or
+    DataKit: none of them is skipped because another one ran."""
+    import integration_aws_ec2__main as ec2
+    account = {'ak_id': 'AKIAEXAMPLEEXAMPLE01', 'ak_secret': 'x' * 40}
+    variants = [
+        ec2.DataCollector(account, {'regions': ['us-east-1']}),
+        ec2.DataCollector(dict(account, extra_tags={'team': 'a'}), {'regions': ['us-east-1']}),
+        ec2.DataCollector(account, {'regions': ['us-east-1']}, filters=[lambda o: o['State'] == 'running']),
+        ec2.DataCollector(account, {'regions': ['us-east-1']}, filters=[lambda o: o['State'] == 'stopped']),
+        ec2.DataCollector(account, {'regions': ['us-east-1']}, after_collect=lambda p: p),
+        ec2.DataCollector(account, {'regions': ['us-east-1', 'us-west-2']}),
+        ec2.DataCollector(account, {'regions': ['us-east-1'], 'page_size': 50}),
+    ]
+    keys = [v.state_key for v in variants]
+    assert len(set(keys)) == len(keys)
+    # Stable: the same collector made again (a new task in Func) has the same key.
+    again = ec2.DataCollector(account, {'regions': ['us-east-1']}, filters=[lambda o: o['State'] == 'running'])
+    assert again.state_key == keys[2]
+    # Two Runners, one collector each, same estate, other DataKit connectors.
+    first, second = FakeCollector(2, state_key='same'), FakeCollector(2, state_key='same')
+    core.Runner(first, datakit_id='datakit').run()
+    core.Runner(second, datakit_id='datakit_backup').run()
+    assert first.collected == second.collected == 1
 
 
 def test_one_failure_does_not_stop_the_others_and_is_raised_once(local, receiver, caplog):
