@@ -355,9 +355,14 @@ class Scheduler:
         for name, (proc, _) in self.running.items():
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                LOG.warning('[serve] %s: still running; terminating it', name)
-                proc.terminate()
+                LOG.warning('[serve] %s: still running after the %g s grace period; killed',
+                            name, self.grace)
+                proc.kill()          # it ignores SIGTERM (see _child_run)
                 proc.join(10)
+                self.history.append((name, 'killed at shutdown'))
+            else:
+                LOG.info('[serve] %s: finished during shutdown (exit %s)', name, proc.exitcode)
+                self.history.append((name, f'exit {proc.exitcode}'))
 
     def _next(self, api, now):
         return self.croniter(api['fixed_crontab'], now).get_next(float)
@@ -392,8 +397,11 @@ class Scheduler:
 
 
 def _child_run(api, verbose):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # A Ctrl-C or a systemd stop reaches the whole process group. The running
+    # job ignores it and finishes within the parent's grace period; the parent
+    # kills it if it is still running then.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(run_api(api, verbose))
 
 

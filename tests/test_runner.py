@@ -696,3 +696,57 @@ def test_serve_stops_cleanly_on_sigterm(write_script):
             proc.kill()
     assert proc.returncode == 0, err
     assert 'next run at' in out and 'stopping' in out
+
+
+SERVE_GRACE = '''
+import sys, time
+sys.path.insert(0, {root!r})
+import integration_local.cli as cli
+cli._setup_logging(0)
+offset = time.time() % 60 - 59.7            # a minute boundary 0.3 s from now
+def job():
+    time.sleep({job_seconds})
+    open({marker!r}, 'w').write('finished')
+api = {{'title': 'job', 'name': 'job', 'timeout': 60, 'fixed_crontab': '* * * * *', 'func': job}}
+sys.exit(cli.Scheduler([api], clock=lambda: time.time() - offset, tick=0.05, grace={grace}).serve())
+'''
+
+
+@pytest.mark.parametrize('signal_name', ['SIGTERM', 'SIGINT'])
+def test_serve_gives_running_jobs_their_grace_on_a_group_signal(tmp_path, signal_name):
+    """A systemd stop or a Ctrl-C reaches the whole process group: the running
+    job still finishes, and the log says how it ended."""
+    import signal
+    marker = tmp_path / 'marker'
+    code = SERVE_GRACE.format(root=ROOT, job_seconds=2, marker=str(marker), grace=30)
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        time.sleep(1.2)                          # fired at +0.3 s, sleeping until +2.3 s
+        os.killpg(proc.pid, getattr(signal, signal_name))
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert marker.read_text() == 'finished', out
+    assert 'waiting up to 30 s for 1 running job(s)' in out
+    assert 'job: finished during shutdown (exit 0)' in out and proc.returncode == 0
+
+
+def test_serve_kills_a_job_still_running_after_the_grace(tmp_path):
+    import signal
+    marker = tmp_path / 'marker'
+    code = SERVE_GRACE.format(root=ROOT, job_seconds=30, marker=str(marker), grace=1)
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        time.sleep(1.2)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - started < 10
+    assert not marker.exists()
+    assert 'job: still running after the 1 s grace period; killed' in out
