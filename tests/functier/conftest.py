@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from harness import ROOT, FuncWorker, FuncTierError
+from .harness import FuncTierError, FuncWorker, locate_func_src
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IN_CI = os.environ.get('CI', '').lower() == 'true'
@@ -30,13 +30,7 @@ BASE_PROCESS_ENV = {
 }
 
 
-def _func_src():
-    candidates = [os.environ['FUNC_SRC']] if os.environ.get('FUNC_SRC') else [
-        os.path.join(ROOT, '..', 'shared', 'dataflux-func')]
-    for path in candidates:
-        if os.path.isfile(os.path.join(path, 'worker', 'app.py')):
-            return os.path.abspath(path)
-    return None
+FUNC_SRC, MISSING = locate_func_src()
 
 
 def _unavailable(reason):
@@ -48,11 +42,9 @@ def _unavailable(reason):
 
 @pytest.fixture(scope='session')
 def func_src():
-    path = _func_src()
-    if path is None:
-        where = os.environ.get('FUNC_SRC') or os.path.normpath(os.path.join(ROOT, '..', 'shared', 'dataflux-func'))
-        _unavailable(f'DataFlux Func source not found at {where} (set FUNC_SRC)')
-    return path
+    if MISSING:
+        _unavailable(MISSING)       # CI: every test of the tier fails with this line
+    return FUNC_SRC
 
 
 @pytest.fixture(scope='session')
@@ -82,11 +74,13 @@ def module_publishes(func_worker):
 
 @pytest.fixture
 def func(func_worker):
-    """The session's worker, reset for one test: no DFF.CACHE entries, no
-    INTEGRATION_FORCE variable, no DataKit connector, AWS environment off."""
+    """The session's worker, reset for one test: no DFF.CACHE entries, an
+    empty home (no spool), no INTEGRATION_FORCE variable, no DataKit
+    connector, AWS environment off."""
     if func_worker.driver is None:          # a previous test killed a hung worker
         func_worker.restart_worker()
     func_worker.clear_cache()
+    func_worker.reset_home()
     func_worker.set_env('INTEGRATION_FORCE', None)
     func_worker.delete_connector('datakit')
     func_worker.set_process_env(**BASE_PROCESS_ENV)

@@ -6,7 +6,9 @@ import textwrap
 
 import pytest
 
-from harness import PublishFailed
+from .harness import PublishFailed, skip_tier_if_func_missing
+
+skip_tier_if_func_missing()
 
 HELLO = textwrap.dedent('''\
     import sys

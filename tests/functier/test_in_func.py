@@ -1,0 +1,516 @@
+"""Our modules inside the real DataFlux Func worker, as a user runs them.
+
+The README's paste table is published script by script (Func's pre-check runs
+each module body), a startup script of scripts/ is published with the
+placeholders filled for the test estate (aws-cn, cn-northwest-1, moto with IAM
+enforcement on), and its DFF.API function runs as a cron tick's task in one
+long-lived worker process. Each test asserts what the user sees: the task's
+status, its print log, its exception and traceback, the points DataKit got,
+what DFF.CACHE keeps, and the threads and requests left behind.
+"""
+import http.server
+import json
+import os
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from demo_emulator import fill_placeholders
+from .harness import ROOT, free_port, skip_tier_if_func_missing
+from paste_table import paste_table
+from servers import DataKitReceiver, FaultProxy
+
+skip_tier_if_func_missing()
+
+REGION = 'cn-northwest-1'
+FAILURE_WALL_LIMIT = 30          # seconds: a failing account must say so quickly
+MFA_CODE_KEY = '<MFA TOTP>'
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+def startup_code(filename, values, edit=None):
+    """scripts/<filename> with the placeholders filled; `edit(text)` may change it."""
+    with open(os.path.join(ROOT, 'scripts', filename), encoding='utf-8') as f:
+        text = fill_placeholders(f.read(), values)
+    return edit(text) if edit else text
+
+
+def without_role(text):
+    """The MFA script without a role, as scripts/README.md tells users to do."""
+    return ''.join(line for line in text.splitlines(True)
+                   if '"assume_role_arn"' not in line and '"role_session_name"' not in line)
+
+
+def with_timeout(seconds):
+    def edit(text):
+        assert 'timeout=3600' in text
+        return text.replace('timeout=3600', f'timeout={seconds}')
+    return edit
+
+
+def publish_startup(func, filename, values, edit=None, script_id=None):
+    script_id = script_id or 'my_aws__' + re.sub(r'\W', '_', os.path.splitext(filename)[0])
+    func.publish(script_id, startup_code(filename, values, edit))
+    return f'{script_id}.run'
+
+
+def point_worker_at(func, aws, **extra):
+    """The worker's AWS environment: moto, and the test IMDS that seed_estate started."""
+    func.set_process_env(AWS_ENDPOINT_URL=aws.url,
+                         AWS_EC2_METADATA_SERVICE_ENDPOINT=os.environ['AWS_EC2_METADATA_SERVICE_ENDPOINT'],
+                         **extra)
+
+
+def account_id(values):
+    return values['user']['arn'].split(':')[4]
+
+
+def region_instance_ids(aws, region=REGION):
+    ec2 = aws.client('ec2', region)
+    ids = []
+    for page in ec2.get_paginator('describe_instances').paginate():
+        ids += [i['InstanceId'] for r in page['Reservations'] for i in r['Instances']]
+    return ids
+
+
+def assert_success(r):
+    assert r.status == 'success', f'the task did not succeed:\n{r}'
+    assert r.blocked_hosts == [], f'the worker tried hosts beyond loopback: {r.blocked_hosts}'
+    assert r.threads_alive == [], f'threads still alive {r.thread_grace} s after the task: {r.threads_alive}'
+
+
+def line_matching(lines, *patterns):
+    """The first line matching every pattern (case-insensitive), else None."""
+    for line in lines:
+        if all(re.search(p, line, re.I) for p in patterns):
+            return line
+    return None
+
+
+def assert_run_log(r, account, instances):
+    """The lines a user reads in Func's task log after a good run."""
+    log = r.messages
+    shown = '\n'.join(r.print_log)
+    assert line_matching(log, r'datakit', r'connector'), f'no DataKit connector line in the task log:\n{shown}'
+    assert line_matching(log, re.escape(account)), f'no identity line with account {account}:\n{shown}'
+    assert line_matching(log, re.escape(REGION), rf'\b{instances} instance'), \
+        f'no result line for {REGION} with {instances} instance(s):\n{shown}'
+    assert line_matching(log, rf'\b{instances} point', r'\b(done|total|written)'), \
+        f'no totals line with {instances} point(s):\n{shown}'
+
+
+def assert_one_clear_failure(r, *patterns):
+    """Ended 'failure' quickly, with one line a user can act on."""
+    assert r.status == 'failure', f'expected a failure:\n{r}'
+    assert r.wall < FAILURE_WALL_LIMIT, f'the failure took {r.wall} s:\n{r}'
+    exception = (r.exception or '').strip()
+    assert exception and '\n' not in exception, f'the exception is not one line: {exception!r}'
+    for pattern in patterns:
+        assert re.search(pattern, exception, re.I), f'{pattern!r} not in the exception line: {exception!r}'
+    assert line_matching(r.messages, *patterns), \
+        f'no task log line says {patterns}:\n' + '\n'.join(r.print_log)
+    assert 'Traceback (most recent call last)' not in '\n'.join(r.print_log), r
+    assert r.blocked_hosts == [] and r.threads_alive == [], r
+
+
+def lp_tags(line):
+    """{tag: value} of one line-protocol line (unescaped)."""
+    series = re.split(r'(?<!\\) ', line, maxsplit=1)[0]
+    parts = re.split(r'(?<!\\),', series)
+    unescape = lambda s: re.sub(r'\\(.)', r'\1', s)  # noqa: E731
+    tags = {}
+    for part in parts[1:]:
+        key, _, value = part.partition('=')
+        tags[unescape(key)] = unescape(value)
+    return unescape(parts[0]), tags
+
+
+def stays(read, seconds):
+    """Poll `read()` for `seconds`; return the first value that differs from
+    the initial one (None when it never changed)."""
+    initial = read()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if read() != initial:
+            return read()
+        time.sleep(0.1)
+    return None
+
+
+class SlowServer:
+    """Answers nothing for `seconds` (or until stopped): an AWS endpoint that hangs."""
+
+    def __init__(self, seconds=120):
+        self.count = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def log_message(self, *args):
+                pass
+
+            def _slow(self):
+                self.rfile.read(int(self.headers.get('Content-Length') or 0))
+                with outer.lock:
+                    outer.count += 1
+                outer.release.wait(seconds)
+                body = b'<Response><Errors><Error><Code>ServiceUnavailable</Code></Error></Errors></Response>'
+                try:
+                    self.send_response(503)
+                    self.send_header('Content-Length', str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:         # the client gave up long ago
+                    self.close_connection = True
+
+            do_GET = do_POST = _slow
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def requests(self):
+        with self.lock:
+            return self.count
+
+    def stop(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class RecordingProxy(FaultProxy):
+    """A pass-through proxy in front of moto that keeps every response body
+    (STS answers carry the temporary secret keys and session tokens)."""
+
+    def __init__(self, upstream):
+        self.bodies = []
+        super().__init__(upstream)
+
+    def _forward(self, method, path, headers, body):
+        status, response_headers, data = super()._forward(method, path, headers, body)
+        with self.lock:
+            self.bodies.append(data.decode('utf-8', 'replace'))
+        return status, response_headers, data
+
+    def secrets(self):
+        with self.lock:
+            text = '\n'.join(self.bodies)
+        return set(re.findall(r'<(?:SecretAccessKey|SessionToken)>([^<]+)</', text))
+
+
+def imds_secrets():
+    """The instance role's temporary secret and token, as the test IMDS serves them."""
+    base = os.environ['AWS_EC2_METADATA_SERVICE_ENDPOINT']
+    token = urllib.request.urlopen(urllib.request.Request(
+        base + '/latest/api/token', method='PUT',
+        headers={'X-aws-ec2-metadata-token-ttl-seconds': '60'}), timeout=5).read().decode()
+    path = base + '/latest/meta-data/iam/security-credentials/'
+    read = lambda url: urllib.request.urlopen(urllib.request.Request(  # noqa: E731
+        url, headers={'X-aws-ec2-metadata-token': token}), timeout=5).read().decode()
+    creds = json.loads(read(path + read(path).strip()))
+    return {creds['SecretAccessKey'], creds['Token']}
+
+
+@pytest.fixture
+def datakit(func):
+    receiver = DataKitReceiver()
+    func.set_datakit(receiver.url)
+    yield receiver
+    receiver.stop()
+
+
+# --------------------------------------------------------------------------
+# publishing: what users do first
+# --------------------------------------------------------------------------
+
+PASTE_TABLE = list(paste_table().items())
+
+
+@pytest.mark.parametrize('filename,script_id', PASTE_TABLE, ids=[s for _, s in PASTE_TABLE])
+def test_each_module_publishes_in_paste_order(func, filename, script_id):
+    """A user pastes the modules one by one, in the README's order, and
+    publishes each: Func's pre-check runs the module body."""
+    position = [s for _, s in PASTE_TABLE].index(script_id)
+    for earlier_file, earlier_id in PASTE_TABLE[:position]:
+        with open(os.path.join(ROOT, earlier_file), encoding='utf-8') as f:
+            func.publish(earlier_id, f.read(), check=False)
+    with open(os.path.join(ROOT, filename), encoding='utf-8') as f:
+        outcome = func.publish(script_id, f.read(), check=False)
+    assert outcome.status == 'success', \
+        f'{filename} does not publish as {script_id}: {outcome.exception}\n{outcome.traceback}'
+    assert outcome.blocked_hosts == [] and outcome.threads_alive == [], outcome
+
+
+# --------------------------------------------------------------------------
+# the four startup scripts
+# --------------------------------------------------------------------------
+
+SEED_SCRIPTS = ['1_iam_user.py', '2_assume_role.py', '3_mfa.py', '4_instance_role.py']
+
+
+@pytest.mark.parametrize('filename', SEED_SCRIPTS)
+def test_seed_script_publishes_and_runs(modules, seed_estate, aws, datakit, filename):
+    point_worker_at(modules, aws)
+    func_id = publish_startup(modules, filename, seed_estate)
+    expected = region_instance_ids(aws)
+
+    r = modules.run(func_id)
+
+    assert_success(r)
+    assert_run_log(r, account_id(seed_estate), len(expected))
+    assert sorted(datakit.names()) == sorted(expected)
+
+
+def test_datakit_gets_one_aws_ec2_custom_object_per_instance(modules, seed_estate, aws, datakit):
+    point_worker_at(modules, aws)
+    func_id = publish_startup(modules, '1_iam_user.py', seed_estate)
+    expected = region_instance_ids(aws)
+
+    assert_success(modules.run(func_id))
+
+    assert {path for path, *_ in datakit.requests} == {'/v1/write/custom_object'}
+    points = [lp_tags(line) for line in datakit.lines]
+    assert sorted(tags.get('name') for _, tags in points) == sorted(expected)     # once each
+    for measurement, tags in points:
+        assert measurement == 'aws_ec2'
+        assert tags['InstanceId'] == tags['name']
+        assert tags['RegionId'] == REGION and tags['cloud_provider'] == 'AWS'
+        if tags['name'] in seed_estate['ids']:
+            assert tags['InstanceName'].startswith('seed-')
+
+
+# --------------------------------------------------------------------------
+# state between tasks: Func's Redis
+# --------------------------------------------------------------------------
+
+SESSIONS = {
+    'role': ('2_assume_role.py', None),
+    'mfa+role': ('3_mfa.py', None),
+    'mfa': ('3_mfa.py', without_role),
+}
+# moto's GetSessionToken answers fixed credentials that its own IAM enforcement
+# then refuses (aws-facts.md): with MFA and no role, both tasks fail at their
+# first call with the session, and what stays testable is that the second task
+# reused the first task's session instead of sending the code again.
+MOTO_FIXED_SESSION = {'mfa'}
+
+
+@pytest.mark.parametrize('method', list(SESSIONS))
+def test_sessions_are_kept_in_func_redis_between_tasks(modules, seed_estate, aws, datakit, method):
+    """AssumeRole / GetSessionToken once across two tasks, even when the
+    second task runs in another worker process (as Func's pool does)."""
+    filename, edit = SESSIONS[method]
+    point_worker_at(modules, aws)
+    modules.set_env('INTEGRATION_FORCE', '1')        # the second task must collect too
+    func_id = publish_startup(modules, filename, seed_estate, edit,
+                              script_id=f'my_aws__session_{method.replace("+", "_")}')
+
+    with aws.recording() as first:
+        r1 = modules.run(func_id)
+    modules.restart_worker()
+    point_worker_at(modules, aws)
+    with aws.recording() as second:
+        r2 = modules.run(func_id)
+
+    starts = lambda calls: [c for c in calls if c['service'] == 'sts'  # noqa: E731
+                            and c['action'] in ('AssumeRole', 'GetSessionToken')]
+    assert len(starts(first)) == 1, [c['action'] for c in first]
+    assert starts(second) == [], f'the second task started a new session: {starts(second)}'
+    code_sent = [c for c in first + second if c['params'].get('TokenCode') == seed_estate[MFA_CODE_KEY]]
+    assert len(code_sent) == (0 if method == 'role' else 1)
+    if method in MOTO_FIXED_SESSION:
+        for r in (r1, r2):
+            assert r.status == 'failure' and 'InvalidClientTokenId' in r.exception, r
+        used = lambda calls: {c['token'] for c in calls if c['token']}  # noqa: E731
+        assert used(second) and used(second) == used(first), 'the second task did not reuse the session'
+        return
+    assert_success(r1)
+    assert_success(r2)
+    # The second task collected with the first task's temporary credentials.
+    ec2_first = [c for c in first if c['service'] == 'ec2' and c['action'] == 'DescribeInstances']
+    ec2_second = [c for c in second if c['service'] == 'ec2' and c['action'] == 'DescribeInstances']
+    assert ec2_first and ec2_second
+    assert {c['token'] for c in ec2_second} == {c['token'] for c in ec2_first} != {None}
+
+
+def test_fresh_collection_is_skipped_across_tasks_unless_forced(modules, seed_estate, aws, datakit):
+    point_worker_at(modules, aws)
+    func_id = publish_startup(modules, '1_iam_user.py', seed_estate)
+    expected = region_instance_ids(aws)
+
+    with aws.recording() as first:
+        r1 = modules.run(func_id)
+    assert_success(r1)
+    assert [c for c in first if c['service'] == 'ec2']
+    assert len(datakit.lines) == len(expected)
+
+    with aws.recording() as second:
+        r2 = modules.run(func_id)
+    assert_success(r2)
+    assert line_matching(r2.messages, r'skipped'), 'no "skipped" line:\n' + '\n'.join(r2.print_log)
+    assert [c for c in second if c['service'] == 'ec2'] == [], 'the skipped task called EC2'
+    assert len(datakit.lines) == len(expected), 'the skipped task wrote points'
+
+    modules.set_env('INTEGRATION_FORCE', '1')                  # a Func environment variable
+    with aws.recording() as forced:
+        r3 = modules.run(func_id)
+    assert_success(r3)
+    assert not line_matching(r3.messages, r'skipped'), '\n'.join(r3.print_log)
+    assert [c for c in forced if c['service'] == 'ec2' and c['action'] == 'DescribeInstances']
+    assert len(datakit.lines) == 2 * len(expected)
+
+
+# --------------------------------------------------------------------------
+# failures and timeouts
+# --------------------------------------------------------------------------
+
+def test_revoked_keys_fail_fast_with_one_line(modules, seed_estate, aws, datakit):
+    point_worker_at(modules, aws)
+    func_id = publish_startup(modules, '1_iam_user.py', seed_estate)
+    user = seed_estate['user']
+    aws.client('iam', REGION).delete_access_key(UserName=user['arn'].split('/')[-1],
+                                                AccessKeyId=user['ak_id'])
+
+    r = modules.run(func_id)
+
+    assert_one_clear_failure(r, r'(InvalidClientTokenId|revoked|not valid|invalid|security token)')
+    assert datakit.lines == []
+
+
+def test_wrong_external_id_fails_fast_with_one_line(modules, seed_estate, aws, datakit):
+    point_worker_at(modules, aws)
+    values = dict(seed_estate, **{'<AWS EXTERNAL ID>': 'not-the-external-id'})
+    func_id = publish_startup(modules, '2_assume_role.py', values)
+
+    r = modules.run(func_id)
+
+    assert_one_clear_failure(r, r'(AccessDenied|ExternalId|not authorized|AssumeRole)')
+    assert datakit.lines == []
+
+
+def test_datakit_down_fails_fast_with_one_line(modules, seed_estate, aws):
+    point_worker_at(modules, aws)
+    modules.set_datakit(f'http://127.0.0.1:{free_port()}')     # nothing listens there
+    func_id = publish_startup(modules, '1_iam_user.py', seed_estate)
+
+    r = modules.run(func_id)
+
+    assert_one_clear_failure(r, r'datakit')
+
+
+@pytest.mark.parametrize('slow_part', ['ec2', 'datakit'])
+def test_timeout_leaves_no_thread_and_no_request_behind(modules, seed_estate, aws, slow_part):
+    """Past DFF.API(timeout=4) Func interrupts the task; afterwards nothing of
+    ours may still run or call the slow endpoint."""
+    slow = SlowServer()
+    receiver = DataKitReceiver(script=[('slow', 60)] * 5) if slow_part == 'datakit' else DataKitReceiver()
+    try:
+        if slow_part == 'ec2':
+            point_worker_at(modules, aws, AWS_ENDPOINT_URL_EC2=slow.url)
+            requests = slow.requests
+        else:
+            point_worker_at(modules, aws)
+            requests = lambda: receiver.attempts  # noqa: E731
+        modules.set_datakit(receiver.url)
+        func_id = publish_startup(modules, '1_iam_user.py', seed_estate, with_timeout(4),
+                                  script_id='my_aws__timeout')
+
+        r = modules.run(func_id, thread_grace=5)
+
+        assert r.status == 'timeout', f'expected a timeout:\n{r}'
+        assert r.timeout == 4 and 4 <= r.wall < 15, r
+        assert requests() >= 1, f'the slow {slow_part} endpoint was never reached:\n{r}'
+        assert r.threads_alive == [], \
+            f'threads of the task still alive {r.thread_grace} s after its timeout: {r.threads_alive}'
+        changed = stays(requests, 3)
+        assert changed is None, f'{slow_part} got more requests after the task ended: now {changed}'
+        assert r.blocked_hosts == []
+    finally:
+        slow.stop()
+        receiver.stop()
+
+
+# --------------------------------------------------------------------------
+# secrets
+# --------------------------------------------------------------------------
+
+RUNS_FOR_SECRETS = [       # (script, edit, tasks, expected status)
+    ('1_iam_user.py', None, 1, 'success'),
+    ('2_assume_role.py', None, 2, 'success'),        # the second task reads the cached session
+    ('3_mfa.py', None, 2, 'success'),
+    ('3_mfa.py', without_role, 2, 'failure'),       # moto's fixed GetSessionToken credentials
+    ('4_instance_role.py', None, 1, 'success'),
+]
+
+
+def _run_every_method_through_a_recording_proxy(func, seed_estate, aws):
+    """Every authentication method (the role and MFA ones twice), then a
+    failing one, with AWS behind a recording proxy. Returns (task results,
+    every secret that existed meanwhile)."""
+    proxy = RecordingProxy(aws.url)
+    try:
+        point_worker_at(func, aws)
+        func.set_process_env(AWS_ENDPOINT_URL=proxy.url)
+        func.set_env('INTEGRATION_FORCE', '1')
+        results = []
+        with aws.recording() as calls:
+            for filename, edit, times, expected in RUNS_FOR_SECRETS:
+                func_id = publish_startup(func, filename, seed_estate, edit)
+                for _ in range(times):
+                    r = func.run(func_id)
+                    assert r.status == expected, f'{filename}: expected {expected}:\n{r}'
+                    results.append(r)
+            bad = dict(seed_estate, **{'<AWS EXTERNAL ID>': 'not-the-external-id'})
+            r = func.run(publish_startup(func, '2_assume_role.py', bad, script_id='my_aws__bad_external_id'))
+            assert r.status == 'failure', r
+            results.append(r)
+        secrets = proxy.secrets() | imds_secrets()
+        secrets |= {c['token'] for c in calls if c['token']}
+        secrets |= {seed_estate['<AWS AK SECRET>'], seed_estate[MFA_CODE_KEY]}
+        secrets = {s for s in secrets if len(s) >= 6}
+        assert len(secrets) > 4, 'expected ak_secret, the MFA code, temporary keys and tokens'
+        return results, secrets
+    finally:
+        proxy.stop()
+
+
+def _found(secrets, text):
+    return sorted(s[:4] + '...' for s in secrets if s in text)
+
+
+def test_no_secret_in_task_log_exception_or_traceback(modules, seed_estate, aws, datakit):
+    results, secrets = _run_every_method_through_a_recording_proxy(modules, seed_estate, aws)
+    leaks = []
+    for number, r in enumerate(results, 1):
+        for where, text in [('print log', '\n'.join(r.print_log)), ('exception', r.exception or ''),
+                            ('traceback', r.traceback or '')]:
+            if _found(secrets, text):
+                leaks.append(f'task {number}: {where}: {_found(secrets, text)}')
+    assert not leaks, 'secrets a user can read in the task record:\n' + '\n'.join(leaks)
+
+
+def test_no_secret_in_dff_cache(modules, seed_estate, aws, datakit):
+    """DFF.CACHE is Func's shared Redis: every script of the instance can read
+    any scope, and when a task fails Func's worker log replays the task's Redis
+    commands (values cut at 100 characters) on the container's stdout."""
+    results, secrets = _run_every_method_through_a_recording_proxy(modules, seed_estate, aws)
+    cache = modules.cache()
+    assert cache, 'nothing in DFF.CACHE after the role and MFA tasks'
+    leaks = [f'DFF.CACHE {scope} {key}: {_found(secrets, json.dumps(value))}'
+             for scope, keys in cache.items() for key, value in keys.items()
+             if _found(secrets, json.dumps(value))]
+    leaks += [f'worker stdout of task {number}: {_found(secrets, r.worker_stdout)}'
+              for number, r in enumerate(results, 1) if _found(secrets, r.worker_stdout)]
+    assert not leaks, ('secrets in DFF.CACHE values (Func\'s Redis, readable by every script) '
+                       'or in the worker\'s stdout:\n' + '\n'.join(leaks))
