@@ -424,6 +424,35 @@ def partition_of(region):
     return data['regions'].get(region) or data['endpoint_session'].get_partition_for_region(region)
 
 
+def check_regions(regions, where):
+    if regions is None:
+        raise core.ConfigError(f"{where} is missing: list the regions to collect, e.g. "
+                               "['cn-northwest-1'], or ['*'] for every enabled region")
+    if isinstance(regions, str) or not isinstance(regions, (list, tuple)):
+        raise core.ConfigError(f"{where} must be a list such as ['cn-northwest-1'], "
+                               f'not {type(regions).__name__}')
+    if not regions:
+        raise core.ConfigError(f"{where} is empty: list at least one region, or ['*']")
+    known = known_regions()
+    out = []
+    for index, region in enumerate(regions):
+        if not isinstance(region, str):
+            raise core.ConfigError(f'{where}[{index}] must be a region id string, '
+                                   f'not {type(region).__name__}')
+        region = region.strip()
+        if region == '*':
+            if len(regions) > 1:
+                raise core.ConfigError(f"{where}[{index}]: '*' means every enabled region and "
+                                       'must be the only entry')
+        elif region not in known:
+            near = difflib.get_close_matches(region, list(known), n=1, cutoff=0.7)
+            raise core.ConfigError(f'{where}[{index}] {region!r} is not an AWS region' + (
+                f'; did you mean {near[0]!r}?' if near else "; e.g. 'us-east-1', 'cn-northwest-1'"))
+        if region not in out:
+            out.append(region)
+    return out
+
+
 def check_partition(regions, where):
     """The one partition all `regions` belong to; two partitions is an error."""
     found = {}
@@ -459,9 +488,18 @@ def _role_region(account):
 
 class _TemporaryCredentialFetcher:
     """Gets temporary credentials for one account: from the cache while they
-    are fresh (see margins), else from STS. botocore calls
-    `fetch` again before expiry (RefreshableCredentials), so long runs
-    never see ExpiredToken. An MFA code is sent at most once."""
+    are fresh (see margins), else from STS. botocore calls `fetch` again
+    before expiry (RefreshableCredentials), so long runs never see
+    ExpiredToken.
+
+    The cache is shared (every script importing this module in Func shares
+    its DFF.CACHE scope), so a session is filed under a key bound to the base
+    credentials that obtained it: ak_id and a keyed hash of ak_secret, or the
+    default chain's access key and a keyed hash of its secret. Whoever
+    presents other credentials finds nothing and asks STS, which judges.
+
+    MFA: a code is sent at most once. The codes sent are kept per device
+    (and base credentials), whatever the role, session name or duration."""
 
     def __init__(self, account, botocore_session, region, method, cache, clock):
         self.account = account
@@ -470,10 +508,30 @@ class _TemporaryCredentialFetcher:
         self.method = method
         self.cache = cache
         self.clock = clock
-        self.cache_key = 'integration_aws_auth:' + _hash(
-            method, account.get('ak_id'), account.get('assume_role_arn'),
-            account.get('external_id'), self.session_name, account.get('serial_number'),
-            account.get('duration_seconds'), partition_of(region))
+        self.partition = partition_of(region)
+        self.base_credentials = None
+        if method.startswith('default_chain'):
+            # Kept apart from the session's own credentials (get_session puts
+            # the role's there): the role is always assumed with the chain's.
+            self.base_credentials = _require_default_chain(botocore_session)
+            frozen = self.base_credentials.get_frozen_credentials()
+            base = ('chain', frozen.access_key, _keyed_digest(frozen.secret_key))
+            # Credentials of a session (instance role, container, SSO ...):
+            # assuming a role with them is role chaining, capped at 1 h by AWS.
+            self.chained = bool(frozen.token)
+        else:
+            base = ('keys', account['ak_id'], _keyed_digest(account['ak_secret']))
+            self.chained = False
+        role = account.get('assume_role_arn')
+        self.cache_key = SESSION_KEY_PREFIX + _hash(
+            method, base, role, account.get('external_id'), self.session_name,
+            account.get('serial_number'), account.get('duration_seconds'), self.partition)
+        self.codes_key = (CODES_KEY_PREFIX + _hash(base, account['serial_number'])
+                          if 'serial_number' in account else None)
+        self.duration_key = DURATION_KEY_PREFIX + _hash(role) if role else None
+        self.from_cache = False     # whether the last fetch served a cached session
+        self.refused = None         # why AWS refused the cached session, when it did
+        self.probed = None          # the role duration reached by stepping down
 
     def __repr__(self):
         return f'<TemporaryCredentialFetcher method={self.method} region={self.region}>'
@@ -496,6 +554,8 @@ class _TemporaryCredentialFetcher:
 
     def refreshable_credentials(self):
         record = self.fetch(full=True)
+        if self.from_cache:
+            record = self._check_cached(record)
         advisory, mandatory = self.margins(record)
         return RefreshableCredentials(
             record['access_key'], record['secret_key'], record['token'],
@@ -507,18 +567,21 @@ class _TemporaryCredentialFetcher:
         """Credentials metadata for botocore: cached while fresh, else from STS."""
         cached = self._load()
         now = self.clock()
-        if (cached and 'access_key' in cached
-                and _parse_time(cached['expiry_time']) - now > self.margins(cached)[0]):
+        if cached and _parse_time(cached['expiry_time']) - now > self.margins(cached)[0]:
             LOG.debug('[AWS auth] reusing the cached %s session (expires %s)',
                       self.method, cached['expiry_time'])
+            self.from_cache = True
             self._warn_if_mfa_short(cached, now)
             return cached if full else _metadata(cached)
-        if 'token_code' in self.account:
+        self.from_cache = False
+        if self.codes_key:
+            adopted = self._adopt_earlier_layout(now)
+            if adopted:
+                return adopted if full else _metadata(adopted)
             self._refuse_used_code(cached, now)
             # Recorded before the code is sent: a crash after AWS accepted it
             # must not make the next run send the same code again.
-            self._store({'used_code': self._code_digest(),
-                         'expiry_time': (cached or {}).get('expiry_time', _format_time(now))})
+            self._remember_code(None)
         creds = self._call_sts()
         record = {
             'access_key': creds['AccessKeyId'],
@@ -527,81 +590,183 @@ class _TemporaryCredentialFetcher:
             'expiry_time': _format_time(creds['Expiration']),
             'issued': _format_time(now),
         }
-        if 'token_code' in self.account:
-            record['used_code'] = self._code_digest()
         self._store(record)
+        if self.codes_key:
+            self._remember_code(record['expiry_time'])
         LOG.info('[AWS auth] obtained a new %s session, valid until %s', self.method, record['expiry_time'])
         self._warn_if_mfa_short(record, now)
         return record if full else _metadata(record)
 
+    def _check_cached(self, record):
+        """A cached session is shown to AWS once per run (sts:GetCallerIdentity,
+        which needs no permission) before any client uses it: a session AWS
+        refuses (revoked, expired early, damaged) is dropped and replaced once,
+        instead of failing every region until its recorded expiry. The answer
+        is kept as the session's identity, so describe_identity asks no more."""
+        sts = self.bs.create_client(
+            'sts', region_name=self.region, aws_access_key_id=record['access_key'],
+            aws_secret_access_key=record['secret_key'], aws_session_token=record['token'])
+        try:
+            ident = sts.get_caller_identity()
+        except ClientError as e:
+            line = describe_client_error(e, 'sts:GetCallerIdentity')
+            if e.response.get('Error', {}).get('Code') not in REFUSED_SESSION_CODES:
+                raise AuthError(line) from None
+            LOG.warning('[AWS auth] AWS refused the cached %s session (%s): dropping it and '
+                        'starting a new one', self.method, line)
+            self.cache.delete(self.cache_key)
+            self.refused = line
+            return self.fetch(full=True)
+        except BotoCoreError as e:
+            raise AuthError(f'sts:GetCallerIdentity in {self.region} failed: {e}') from None
+        _remember_identity(self.cache, record['access_key'],
+                           _identity_of(self.method, ident, self.partition),
+                           _parse_time(record['expiry_time']) - self.clock())
+        return record
+
+    # -- STS --------------------------------------------------------------------
+
+    def _sts_client(self):
+        if self.base_credentials is not None:
+            frozen = self.base_credentials.get_frozen_credentials()
+            return self.bs.create_client(
+                'sts', region_name=self.region, aws_access_key_id=frozen.access_key,
+                aws_secret_access_key=frozen.secret_key, aws_session_token=frozen.token)
+        return self.bs.create_client(
+            'sts', region_name=self.region, aws_access_key_id=self.account['ak_id'],
+            aws_secret_access_key=self.account['ak_secret'])
+
     def _call_sts(self):
         acc = self.account
-        if self.method.startswith('default_chain'):
-            sts = self.bs.create_client('sts', region_name=self.region)
-        else:
-            sts = self.bs.create_client(
-                'sts', region_name=self.region,
-                aws_access_key_id=acc['ak_id'], aws_secret_access_key=acc['ak_secret'])
+        sts = self._sts_client()
         kwargs = {}
         if 'serial_number' in acc:
             kwargs.update(SerialNumber=acc['serial_number'], TokenCode=acc['token_code'])
-        if 'duration_seconds' in acc:
-            kwargs['DurationSeconds'] = acc['duration_seconds']
+        action = 'sts:AssumeRole' if 'assume_role_arn' in acc else 'sts:GetSessionToken'
         try:
             if 'assume_role_arn' in acc:
-                action = 'sts:AssumeRole'
+                kwargs.update(RoleArn=acc['assume_role_arn'], RoleSessionName=self.session_name)
                 if 'external_id' in acc:
                     kwargs['ExternalId'] = acc['external_id']
-                return sts.assume_role(RoleArn=acc['assume_role_arn'],
-                                       RoleSessionName=self.session_name, **kwargs)['Credentials']
-            action = 'sts:GetSessionToken'
-            kwargs.setdefault('DurationSeconds', SESSION_TOKEN_DEFAULT_DURATION)
+                return self._assume_role(sts, kwargs)
+            kwargs['DurationSeconds'] = acc.get('duration_seconds', SESSION_TOKEN_DEFAULT_DURATION)
             return sts.get_session_token(**kwargs)['Credentials']
         except ClientError as e:
             raise AuthError(self._explain(describe_client_error(e, action))) from None
         except (EndpointConnectionError, ConnectTimeoutError) as e:
             # The request never reached AWS, so the MFA code was not consumed.
-            self._forget_used_code()
+            self._forget_code()
             raise AuthError(f'{action} in {self.region}: cannot reach STS: {e}') from None
         except BotoCoreError as e:
             raise AuthError(f'{action} in {self.region} failed: {e}') from None
+
+    def _assume_role(self, sts, kwargs):
+        """AssumeRole for account['duration_seconds'], else for the longest
+        session the role allows. AWS does not say how long that is (the role's
+        MaxSessionDuration, 1-12 h; 1 h for role chaining), only that a request
+        is too long: step down on that answer and remember, per role, where it
+        stopped, so later sessions ask for it directly.
+
+        With MFA the step down re-sends the code. AWS answers a too-long
+        request with ValidationError, a check of the request's parameters
+        against the role, and issues nothing; the code is not marked used
+        when nothing was issued, as far as we know (AWS does not document the
+        order of its checks, and the emulator checks no codes). Should AWS
+        refuse the code on the shorter request, the run fails saying a fresh
+        code is needed, and the next run asks for the shorter duration at once:
+        at most one code lost per role, and never a code that started a
+        session sent twice."""
+        if 'duration_seconds' in self.account:
+            return sts.assume_role(DurationSeconds=self.account['duration_seconds'], **kwargs)['Credentials']
+        duration = self._remembered_duration()
+        while True:
+            try:
+                return sts.assume_role(DurationSeconds=duration, **kwargs)['Credentials']
+            except ClientError as e:
+                shorter = _shorter_duration(e, duration)
+                if shorter is None:
+                    raise
+                LOG.info('[AWS auth] %s allows no %d s session (%s): asking for %d s%s',
+                         self.account['assume_role_arn'], duration,
+                         'role chaining' if shorter == CHAINED_ROLE_DURATION and 'chaining' in str(e)
+                         else 'MaxSessionDuration', shorter,
+                         ' with the same MFA code, which AWS did not accept or refuse'
+                         if 'token_code' in self.account else '')
+                self.probed = duration = shorter
+                if not self.chained:
+                    self.cache.set(self.duration_key, json.dumps({'duration_seconds': shorter}),
+                                   expire=ROLE_DURATION_TTL)
+
+    def _remembered_duration(self):
+        if self.chained:
+            return CHAINED_ROLE_DURATION
+        record = _read_record(self.cache, self.duration_key, _valid_duration, 'role duration')
+        return record['duration_seconds'] if record else ROLE_DURATION_STEPS[0]
 
     def _explain(self, line):
         if 'token_code' in self.account:
             line += (f"; the MFA code for {self.account['serial_number']} has now been used: "
                      "put a fresh code in account['token_code'] before the next run")
+            if self.probed:
+                line += f' (it will ask the role for a {self.probed} s session at once)'
         if 'ExternalId' in line or ('AccessDenied' in line and 'external_id' in self.account):
             line += "; check account['external_id'] against the role's trust policy"
         return line
 
+    # -- MFA codes ----------------------------------------------------------------
+
     def _refuse_used_code(self, cached, now):
         """AWS accepts each code once: never send a code we already sent."""
-        if not cached or cached.get('used_code') != self._code_digest():
+        entry = self._used_code_entry()
+        if entry is None:
             return
         device = self.account['serial_number']
-        if 'access_key' not in cached:
+        fix = "Put a fresh code from the device in account['token_code'] and run again"
+        expiry = entry['expiry_time']
+        if self.refused:
+            raise AuthError(
+                f'AWS refused the cached MFA session for device {device} ({self.refused}) and '
+                "account['token_code'] holds the code that was already used to start it; AWS "
+                f'accepts each code only once. {fix}')
+        if expiry is None:
             raise AuthError(
                 f'an earlier run already sent the code in account[\'token_code\'] for device {device} '
-                'and got no session back; AWS accepts each code only once. Put a fresh code '
-                "from the device in account['token_code'] and run again")
-        expired = cached['expiry_time']
+                f'and got no session back; AWS accepts each code only once. {fix}')
+        if cached or _parse_time(expiry) - now <= MFA_EXPIRY_MARGIN:
+            raise AuthError(
+                f"the MFA session for device {device} expired at {expiry} "
+                f"(now {_format_time(now)}) and account['token_code'] holds the code that "
+                f'was already used to start it; AWS accepts each code only once. {fix}'
+                + ('' if 'duration_seconds' in self.account else
+                   ", and consider account['duration_seconds'] for a longer session"))
         raise AuthError(
-            f"the MFA session for device {device} expired at {expired} "
-            f"(now {_format_time(now)}) and account['token_code'] holds the code that "
-            'was already used to start it; AWS accepts each code only once. Put a fresh '
-            "code from the device in account['token_code'] and run again"
-            + ('' if 'duration_seconds' in self.account else
-               ", and consider account['duration_seconds'] for a longer session"))
+            f"account['token_code'] holds the code already used for device {device} to start a "
+            f'session with other settings (duration_seconds, role or session name), valid until '
+            f'{expiry}; AWS accepts each code only once. {fix}')
 
-    def _warn_if_mfa_short(self, record, now):
-        if 'token_code' not in self.account:
-            return
-        left = _parse_time(record['expiry_time']) - now
-        if left < MFA_WARN_LEFT:
-            LOG.warning('[AWS auth] the MFA session for device %s expires at %s (in %d min); after that '
-                        "a fresh code is needed in account['token_code']",
-                        self.account['serial_number'], record['expiry_time'],
-                        max(0, int(left.total_seconds() // 60)))
+    def _used_code_entry(self):
+        digest = self._code_digest()
+        for entry in self._used_codes():
+            if entry['code'] == digest:
+                return entry
+        return None
+
+    def _used_codes(self):
+        record = _read_record(self.cache, self.codes_key, _valid_codes, 'used MFA codes')
+        return record['codes'] if record else []
+
+    def _remember_code(self, expiry_time):
+        digest = self._code_digest()
+        codes = [e for e in self._used_codes() if e['code'] != digest]
+        codes.append({'code': digest, 'expiry_time': expiry_time})
+        self.cache.set(self.codes_key, json.dumps({'codes': codes[-USED_CODES_KEPT:]}),
+                       expire=USED_CODE_TTL)
+
+    def _forget_code(self):
+        if self.codes_key:
+            digest = self._code_digest()
+            codes = [e for e in self._used_codes() if e['code'] != digest]
+            self.cache.set(self.codes_key, json.dumps({'codes': codes}), expire=USED_CODE_TTL)
 
     def _code_digest(self):
         # Keyed with the long-term secret: whoever can read the cache cannot
@@ -609,19 +774,50 @@ class _TemporaryCredentialFetcher:
         msg = f"{self.account['serial_number']}|{self.account['token_code']}".encode()
         return hmac.new(self.account['ak_secret'].encode(), msg, hashlib.sha256).hexdigest()
 
-    def _forget_used_code(self):
-        if 'token_code' in self.account:
-            self.cache.delete(self.cache_key)
+    def _adopt_earlier_layout(self, now):
+        """Before sessions were bound to the base credentials, an MFA session
+        and its code were filed under a key of the account's settings alone.
+        Its `used_code` is an HMAC keyed with ak_secret: when it matches, the
+        caller holds the same secret and code, so the session may be adopted;
+        an expired one still marks the code as used."""
+        acc = self.account
+        old = _read_json(self.cache, 'integration_aws_auth:' + _hash(
+            self.method, acc.get('ak_id'), acc.get('assume_role_arn'), acc.get('external_id'),
+            self.session_name, acc.get('serial_number'), acc.get('duration_seconds'), self.partition))
+        if not isinstance(old, dict) or old.get('used_code') != self._code_digest():
+            return None
+        session = {k: old[k] for k in SESSION_FIELDS if k in old}
+        if not _valid_session(session):
+            self._remember_code(None)
+            return None
+        self._remember_code(session['expiry_time'])
+        if _parse_time(session['expiry_time']) - now <= self.margins(session)[0]:
+            return None
+        self._store(session)
+        self.from_cache = True
+        return session
+
+    # -- the session record -------------------------------------------------------
 
     def _load(self):
-        return _read_json(self.cache, self.cache_key)
+        return _read_record(self.cache, self.cache_key, _valid_session, 'temporary credentials')
 
     def _store(self, record):
-        if 'used_code' in record:
-            expire = USED_CODE_TTL
-        else:
-            expire = max(60, int((_parse_time(record['expiry_time']) - self.clock()).total_seconds()))
+        expire = max(60, int((_parse_time(record['expiry_time']) - self.clock()).total_seconds()))
         self.cache.set(self.cache_key, json.dumps(record), expire=expire)
+
+
+def _shorter_duration(error, duration):
+    """The next duration to ask for after AWS found `duration` too long, or None."""
+    err = error.response.get('Error', {})
+    message = err.get('Message') or ''
+    if err.get('Code') != 'ValidationError' or 'DurationSeconds' not in message:
+        return None
+    if 'chaining' in message:
+        return CHAINED_ROLE_DURATION if duration > CHAINED_ROLE_DURATION else None
+    if 'MaxSessionDuration' not in message:
+        return None
+    return next((d for d in ROLE_DURATION_STEPS if d < duration), None)
 
 
 def _metadata(record):

@@ -28,7 +28,6 @@ IAM permissions: ec2:DescribeInstances, ec2:DescribeRegions (only for ['*']),
 sts:GetCallerIdentity (always allowed), plus what the account's method needs
 (integration_aws_auth).
 """
-import contextlib
 import datetime
 import difflib
 import gc
@@ -36,11 +35,8 @@ import json
 import logging
 import queue
 import re
-import socket
 import threading
 import time
-import weakref
-from concurrent.futures import Future
 
 from botocore.config import Config
 from botocore.exceptions import (
@@ -75,7 +71,6 @@ MEASUREMENT = 'aws_ec2'
 CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempts')
 DEFAULTS = {'page_size': 1000, 'retry_mode': 'adaptive', 'max_attempts': 8}
 MAX_CONCURRENCY = 32
-STOP_GRACE = 2.0      # seconds a stopped collection waits for its threads to end
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
@@ -116,7 +111,7 @@ class DataCollector:
         if self.regions != ['*']:
             self.partition = auth.check_partition(self.regions, "collector_configs['regions']")
             auth.check_role_partition(self.account, self.partition)
-        self.filters = _check_filters(filters)
+        self.filters = core.check_filters(filters)
         if after_collect is not None and not callable(after_collect):
             raise core.ConfigError(
                 f'after_collect must be a function taking a point and returning it (or None), '
@@ -175,12 +170,12 @@ class DataCollector:
         if self._run is not None:
             return
         session = self.session()
-        stop = Cancellation()
+        stop = core.Cancellation()
         if self._identity is None:
             # Its network wait overlaps the making of the region clients below.
             sts = stop.watch(session.client('sts', region_name=session.region_name,
                                             config=self._client_config()))
-            self._pending_identity = _in_background(
+            self._pending_identity = core.in_background(
                 auth.describe_identity, session, self.account, cache=self.cache, client=sts)
         try:
             regions = self._resolve_regions(session)
@@ -199,7 +194,7 @@ class DataCollector:
             # holds the GIL anyway.
             'slots': threading.Semaphore(workers),
             'stop': stop,
-            'pool': _Workers(workers, 'ec2'),
+            'pool': core.Workers(workers, 'ec2'),
             'gc': _relax_gc(),
         }
         self._run = run
@@ -306,7 +301,7 @@ class DataCollector:
                 if attempt == PAGE_ATTEMPTS or stop.is_set():
                     raise
                 LOG.warning('[%s] page %d: %s; asking again', result['region'],
-                            result['pages'] + 1, _first_line(e))
+                            result['pages'] + 1, core.first_line(e))
                 time.sleep(0.2 * 2 ** attempt)
 
     def _points(self, reservations, result, timestamp):
@@ -327,11 +322,11 @@ class DataCollector:
             if self.filters:
                 merged = {**point['tags'], **point['fields']}
                 for index, check in enumerate(self.filters):
-                    hook = f'filters[{index}] ({_name(check)})'
+                    hook = f'filters[{index}] ({core.callable_name(check)})'
                     if not check(merged):
                         return None
             if self.after_collect is not None:
-                hook = f'after_collect ({_name(self.after_collect)})'
+                hook = f'after_collect ({core.callable_name(self.after_collect)})'
                 point = self.after_collect(point)
         except Exception as e:
             message = f'{hook} raised {type(e).__name__}: {e} on instance {instance_id}'
@@ -467,66 +462,15 @@ def validate_configs(configs):
                 f'did you mean {near[0]!r}?' if near else 'known keys: ' + ', '.join(CONFIG_KEYS)))
     out = dict(DEFAULTS)
     out.update(configs)
-    out['regions'] = _check_regions(configs.get('regions'), f"{where}['regions']")
-    _check_int(out, 'page_size', 5, 1000, where)
-    _check_int(out, 'max_attempts', 1, 20, where)
+    out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")
+    core.check_int(out, 'page_size', 5, 1000, where)
+    core.check_int(out, 'max_attempts', 1, 20, where)
     if out.get('concurrency') is not None:
-        _check_int(out, 'concurrency', 1, MAX_CONCURRENCY, where)
+        core.check_int(out, 'concurrency', 1, MAX_CONCURRENCY, where)
     if out['retry_mode'] not in ('adaptive', 'standard'):
         raise core.ConfigError(f"{where}['retry_mode'] must be 'adaptive' or 'standard' "
                                f"(got {out['retry_mode']!r})")
     return out
-
-
-def _check_regions(regions, where):
-    if regions is None:
-        raise core.ConfigError(f"{where} is missing: list the regions to collect, e.g. "
-                               "['cn-northwest-1'], or ['*'] for every enabled region")
-    if isinstance(regions, str) or not isinstance(regions, (list, tuple)):
-        raise core.ConfigError(f"{where} must be a list such as ['cn-northwest-1'], "
-                               f'not {type(regions).__name__}')
-    if not regions:
-        raise core.ConfigError(f"{where} is empty: list at least one region, or ['*']")
-    known = auth.known_regions()
-    out = []
-    for index, region in enumerate(regions):
-        if not isinstance(region, str):
-            raise core.ConfigError(f'{where}[{index}] must be a region id string, '
-                                   f'not {type(region).__name__}')
-        region = region.strip()
-        if region == '*':
-            if len(regions) > 1:
-                raise core.ConfigError(f"{where}[{index}]: '*' means every enabled region and "
-                                       'must be the only entry')
-        elif region not in known:
-            near = difflib.get_close_matches(region, list(known), n=1, cutoff=0.7)
-            raise core.ConfigError(f'{where}[{index}] {region!r} is not an AWS region' + (
-                f'; did you mean {near[0]!r}?' if near else "; e.g. 'us-east-1', 'cn-northwest-1'"))
-        if region not in out:
-            out.append(region)
-    return out
-
-
-def _check_int(configs, key, low, high, where):
-    value = configs.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise core.ConfigError(f'{where}[{key!r}] must be a whole number from {low} to {high} '
-                               f'(got {value!r})')
-
-
-def _check_filters(filters):
-    if filters is None:
-        return []
-    if callable(filters):
-        filters = [filters]
-    if not isinstance(filters, (list, tuple)):
-        raise core.ConfigError(f'filters must be a list of functions, not {type(filters).__name__}')
-    for index, check in enumerate(filters):
-        if not callable(check):
-            raise core.ConfigError(f'filters[{index}] must be a function taking an instance\'s '
-                                   f'tags and fields and returning True to keep it, '
-                                   f'not {type(check).__name__}')
-    return list(filters)
 
 
 # --------------------------------------------------------------------------
@@ -542,13 +486,7 @@ def explain_error(error, region):
         return f'{line} ({hint})' if hint else line
     if isinstance(error, auth.AuthError):
         return str(error)
-    return f'{type(error).__name__}: {_first_line(error)}'
-
-
-def _first_line(error, limit=300):
-    """Some botocore errors carry the whole response body: keep a line of it."""
-    text = (str(error).strip().splitlines() or [''])[0]
-    return text if len(text) <= limit else text[:limit] + '...'
+    return f'{type(error).__name__}: {core.first_line(error)}'
 
 
 def _new_result(region):
@@ -556,113 +494,11 @@ def _new_result(region):
             'seconds': 0.0, 'error': None, 'hook_errors': 0}
 
 
-def _in_background(func, *args, **kwargs):
-    """func(*args, **kwargs) in a thread of its own; a Future of its result.
-    The future is always settled, so whoever waits on it never hangs."""
-    future = Future()
-
-    def call():
-        try:
-            future.set_result(func(*args, **kwargs))
-        except Exception as e:
-            future.set_exception(e)
-        finally:
-            if not future.done():   # SystemExit and the like: still an answer
-                future.set_exception(RuntimeError(f'{_name(func)} was interrupted'))
-    threading.Thread(target=call, name='integration-identity', daemon=True).start()
-    return future
-
-
-class Cancelled(Exception):
-    """Raised inside a watched client once its collection was stopped."""
-
-
-class Cancellation:
-    """Ends a collection's AWS traffic when the run ends early (Func's timeout,
-    an account that failed, an exception anywhere). Threads cannot be killed,
-    so every client it watches refuses to send or retry once cancelled, and
-    the sockets of requests in flight are shut down, so a slow endpoint
-    cannot hold a thread until its read timeout."""
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._connections = weakref.WeakSet()
-
-    def is_set(self):
-        return self._event.is_set()
-
-    def watch(self, client):
-        events = client.meta.events
-        events.register_first('before-send', self._refuse)
-        events.register_first('needs-retry', self._refuse)
-        # botocore keeps its connection pool classes in a per-client dict;
-        # subclasses of them note each connection they open. Private API:
-        # without it, cancelling still stops new requests and retries.
-        http = getattr(getattr(client, '_endpoint', None), 'http_session', None)
-        pools = getattr(http, '_pool_classes_by_scheme', None)
-        if isinstance(pools, dict):
-            for scheme, base in list(pools.items()):
-                pools[scheme] = self._noting_pool(base)
-        return client
-
-    def cancel(self):
-        self._event.set()
-        for connection in list(self._connections):
-            sock = getattr(connection, 'sock', None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _refuse(self, **_):
-        if self._event.is_set():
-            raise Cancelled('the run ended; request not sent')
-
-    def _noting_pool(self, base):
-        connections = self._connections
-
-        class NotingPool(base):
-            def _new_conn(self):
-                connection = super()._new_conn()
-                connections.add(connection)
-                return connection
-        return NotingPool
-
-
-class _Workers:
-    """A fixed pool of daemon threads. Unlike ThreadPoolExecutor, nothing
-    joins them at interpreter exit, and stop() waits a bounded time."""
-
-    def __init__(self, count, name):
-        self._tasks = queue.Queue()
-        self._threads = [threading.Thread(target=self._work, name=f'integration-{name}-{i}',
-                                          daemon=True) for i in range(count)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, func, *args):
-        self._tasks.put((func, args))
-
-    def _work(self):
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            func, args = task
-            func(*args)
-
-    def stop(self, timeout):
-        for _ in self._threads:
-            self._tasks.put(None)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
 def _finish(run):
     """End a collection, however it ended: no thread goes on calling AWS."""
     run['stop'].cancel()
     # Regions not yet started find the stop set and end at once.
-    run['pool'].stop(STOP_GRACE)
+    run['pool'].stop(core.STOP_GRACE)
     gc.set_threshold(*run['gc'])
 
 
@@ -682,7 +518,3 @@ def _relax_gc():
     previous = gc.get_threshold()
     gc.set_threshold(max(previous[0], GC_THRESHOLD), *previous[1:])
     return previous
-
-
-def _name(func):
-    return getattr(func, '__name__', type(func).__name__)

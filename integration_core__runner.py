@@ -40,11 +40,16 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import socket
 import tempfile
+import threading
 import time
 import traceback
 import uuid
+import weakref
+from concurrent.futures import Future
 
 LOG = logging.getLogger('integration.core')
 
@@ -74,14 +79,29 @@ class DataKitError(Exception):
         self.body = message
 
     @property
+    def kind(self):
+        """What the answer means for the points:
+        'points'    400 (DataKit's "invalid point") or 413 (body too large):
+                    these points; halving the batch finds the ones to keep aside.
+        'transient' unreachable, 408, 429 or 5xx: try again later.
+        'config'    any other answer (401, 403, 404, 405, a 3xx, ...): the URL,
+                    the token or the connector is wrong; no point is at fault."""
+        if self.status is None or self.status in (408, 429) or self.status >= 500:
+            return 'transient'
+        if self.status in (400, 413):
+            return 'points'
+        return 'config'
+
+    @property
     def rejected(self):
-        """A 4xx other than 429: the points themselves are wrong; retrying won't help."""
-        return self.status is not None and 400 <= self.status < 500 and self.status != 429
+        """DataKit refused these points themselves; sending them again won't help."""
+        return self.kind == 'points'
 
 
 class InvalidPoint(DataKitError):
     """A point that cannot be line protocol (no fields, NaN, no measurement):
     never sent, and, like a point DataKit rejects, kept as a dead letter."""
+    kind = 'points'
     rejected = True
 
     def __init__(self, message):
@@ -680,6 +700,147 @@ def _makedirs(directory):
 
 def _safe_name(text):
     return ''.join(c if c.isalnum() or c in '-_' else '_' for c in str(text)) or 'default'
+
+
+# --------------------------------------------------------------------------
+# What collectors share: stopping their threads, validating their options
+# --------------------------------------------------------------------------
+
+STOP_GRACE = 2.0      # seconds a stopped collection waits for its threads to end
+
+
+def in_background(func, *args, **kwargs):
+    """func(*args, **kwargs) in a thread of its own; a Future of its result.
+    The future is always settled, so whoever waits on it never hangs."""
+    future = Future()
+
+    def call():
+        try:
+            future.set_result(func(*args, **kwargs))
+        except Exception as e:
+            future.set_exception(e)
+        finally:
+            if not future.done():   # SystemExit and the like: still an answer
+                future.set_exception(RuntimeError(f'{callable_name(func)} was interrupted'))
+    threading.Thread(target=call, name='integration-identity', daemon=True).start()
+    return future
+
+
+class Cancelled(Exception):
+    """Raised inside a watched client once its collection was stopped."""
+
+
+class Cancellation:
+    """Ends a collection's AWS traffic when the run ends early (Func's timeout,
+    an account that failed, an exception anywhere). Threads cannot be killed,
+    so every client it watches refuses to send or retry once cancelled, and
+    the sockets of requests in flight are shut down, so a slow endpoint
+    cannot hold a thread until its read timeout."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._connections = weakref.WeakSet()
+
+    def is_set(self):
+        return self._event.is_set()
+
+    def watch(self, client):
+        events = client.meta.events
+        events.register_first('before-send', self._refuse)
+        events.register_first('needs-retry', self._refuse)
+        # botocore keeps its connection pool classes in a per-client dict;
+        # subclasses of them note each connection they open. Private API:
+        # without it, cancelling still stops new requests and retries.
+        http = getattr(getattr(client, '_endpoint', None), 'http_session', None)
+        pools = getattr(http, '_pool_classes_by_scheme', None)
+        if isinstance(pools, dict):
+            for scheme, base in list(pools.items()):
+                pools[scheme] = self._noting_pool(base)
+        return client
+
+    def cancel(self):
+        self._event.set()
+        for connection in list(self._connections):
+            sock = getattr(connection, 'sock', None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _refuse(self, **_):
+        if self._event.is_set():
+            raise Cancelled('the run ended; request not sent')
+
+    def _noting_pool(self, base):
+        connections = self._connections
+
+        class NotingPool(base):
+            def _new_conn(self):
+                connection = super()._new_conn()
+                connections.add(connection)
+                return connection
+        return NotingPool
+
+
+class Workers:
+    """A fixed pool of daemon threads. Unlike ThreadPoolExecutor, nothing
+    joins them at interpreter exit, and stop() waits a bounded time."""
+
+    def __init__(self, count, name):
+        self._tasks = queue.Queue()
+        self._threads = [threading.Thread(target=self._work, name=f'integration-{name}-{i}',
+                                          daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, func, *args):
+        self._tasks.put((func, args))
+
+    def _work(self):
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            func, args = task
+            func(*args)
+
+    def stop(self, timeout):
+        for _ in self._threads:
+            self._tasks.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def check_int(configs, key, low, high, where):
+    value = configs.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f'{where}[{key!r}] must be a whole number from {low} to {high} '
+                               f'(got {value!r})')
+
+
+def check_filters(filters):
+    if filters is None:
+        return []
+    if callable(filters):
+        filters = [filters]
+    if not isinstance(filters, (list, tuple)):
+        raise ConfigError(f'filters must be a list of functions, not {type(filters).__name__}')
+    for index, check in enumerate(filters):
+        if not callable(check):
+            raise ConfigError(f'filters[{index}] must be a function taking an instance\'s '
+                                   f'tags and fields and returning True to keep it, '
+                                   f'not {type(check).__name__}')
+    return list(filters)
+
+
+def first_line(error, limit=300):
+    """Some botocore errors carry the whole response body: keep a line of it."""
+    text = (str(error).strip().splitlines() or [''])[0]
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def callable_name(func):
+    return getattr(func, '__name__', type(func).__name__)
 
 
 # --------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_after_a_timeout_no_thread_goes_on_calling_aws(seed_estate, receiver, bl
     assert local_cli.run_api(api) == local_cli.EXIT_FAILED
     assert time.monotonic() - started < 2 + 1.5
     assert gc.get_threshold() == threshold
-    deadline = time.monotonic() + ec2.STOP_GRACE + 1
+    deadline = time.monotonic() + core.STOP_GRACE + 1
     while time.monotonic() < deadline and _our_threads():
         time.sleep(0.05)
     assert not _our_threads()
@@ -94,7 +94,7 @@ def test_an_account_that_fails_while_regions_hang_ends_in_seconds(user, receiver
     assert time.monotonic() - started < 10
     failed = [r for r in caplog.records if 'FAILED' in r.getMessage()]
     assert len(failed) == 1 and 'sts:GetCallerIdentity' in failed[0].getMessage()
-    deadline = time.monotonic() + ec2.STOP_GRACE + 1
+    deadline = time.monotonic() + core.STOP_GRACE + 1
     while time.monotonic() < deadline and _our_threads():
         time.sleep(0.05)
     assert not _our_threads()
