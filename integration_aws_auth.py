@@ -98,6 +98,32 @@ MFA_WARN_LEFT = datetime.timedelta(hours=1)
 # How long the record of a used MFA code is kept: long enough that a script
 # left with a stale code keeps failing clearly instead of resending it.
 USED_CODE_TTL = 30 * 24 * 3600
+USED_CODES_KEPT = 8
+# A role session without account['duration_seconds'] is as long as the role
+# allows: these are tried from the longest down (AWS's own default is 1 h, and
+# every role allows 1 h), and where it stopped is remembered per role for a
+# week, so that a role whose limit is raised is probed again.
+ROLE_DURATION_STEPS = (43200, 21600, 14400, 7200, 3600)
+CHAINED_ROLE_DURATION = 3600    # AWS's cap when the base credentials are a session
+ROLE_DURATION_TTL = 7 * 24 * 3600
+# After AWS refused an MFA code on a shorter retry: 1 h for this role, no probing.
+MFA_PINNED_DURATION_TTL = 365 * 24 * 3600
+# GetCallerIdentity needs no permission: these answers mean that AWS refused
+# the session itself.
+REFUSED_SESSION_CODES = ('ExpiredToken', 'ExpiredTokenException', 'InvalidClientTokenId',
+                         'InvalidToken', 'SignatureDoesNotMatch', 'AccessDenied', 'AuthFailure',
+                         'UnrecognizedClientException')
+
+# Cache entries (JSON text): what each holds is checked when read; an entry
+# of another shape counts as absent. Sessions and used codes are filed under
+# keys bound to the base credentials through an HMAC of their secret with a
+# constant of this purpose (never the secret itself).
+CACHE_KEY_HMAC = b'integration_aws_auth:cache-key-binding:v1'
+SESSION_KEY_PREFIX = 'integration_aws_auth:session:'
+CODES_KEY_PREFIX = 'integration_aws_auth:mfa-codes:'
+DURATION_KEY_PREFIX = 'integration_aws_auth:role-duration:'
+IDENTITY_KEY_PREFIX = 'integration_aws_auth:identity:'
+SESSION_FIELDS = ('access_key', 'secret_key', 'token', 'expiry_time', 'issued')
 
 # The STS region of each partition when the account names no region.
 PARTITION_STS_REGION = {
@@ -155,17 +181,18 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
 
 def describe_identity(session, account=None, region=None, cache=None, client=None):
     """Who we are, for the run's banner: never a secret. One sts call, or none
-    for a temporary session whose identity is already cached (so a cached MFA
-    session makes no STS call at all). Long-term keys are always checked: the
-    call is what turns revoked keys into one clear line per account."""
+    for a temporary session whose identity is already known (get_session
+    shows a cached session to AWS once per run and keeps the answer). Long-term
+    keys are always checked: the call is what turns revoked keys into one
+    clear line per account."""
     region = region or session.region_name
     creds = session.get_credentials()
     frozen = creds.get_frozen_credentials() if creds is not None else None
     cache = cache if cache is not None else _default_cache()
     key = None
     if frozen is not None and frozen.token:
-        key = 'integration_aws_auth:identity:' + _hash(frozen.access_key)
-        cached = _read_json(cache, key)
+        key = IDENTITY_KEY_PREFIX + _hash(frozen.access_key)
+        cached = _read_record(cache, key, _valid_identity, 'identity')
         if cached:
             return cached
     # `client`: an STS client made beforehand, so that this may run in another
@@ -181,17 +208,10 @@ def describe_identity(session, account=None, region=None, cache=None, client=Non
     if method == 'default_chain':
         # Which link of botocore's chain answered: 'iam-role' is the instance role.
         method = f"default_chain ({getattr(creds, 'method', 'unknown')})"
-    result = {
-        'method': method,
-        'account_id': ident['Account'],
-        'arn': ident['Arn'],
-        'partition': partition_of(region),
-    }
+    result = _identity_of(method, ident, partition_of(region))
     expiry = getattr(creds, '_expiry_time', None)
     if key and expiry is not None:
-        left = int((expiry - _utcnow()).total_seconds())
-        if left > 60:
-            cache.set(key, json.dumps(result), expire=left)
+        _remember_identity(cache, frozen.access_key, result, expiry - _utcnow())
     return result
 
 
@@ -668,14 +688,15 @@ class _TemporaryCredentialFetcher:
         stopped, so later sessions ask for it directly.
 
         With MFA the step down re-sends the code. AWS answers a too-long
-        request with ValidationError, a check of the request's parameters
-        against the role, and issues nothing; the code is not marked used
-        when nothing was issued, as far as we know (AWS does not document the
-        order of its checks, and the emulator checks no codes). Should AWS
-        refuse the code on the shorter request, the run fails saying a fresh
-        code is needed, and the next run asks for the shorter duration at once:
-        at most one code lost per role, and never a code that started a
-        session sent twice."""
+        request with ValidationError (HTTP 400), a check of the request's
+        parameters against the role, and issues nothing; we expect the code
+        not to be spent then, but AWS does not document the order of its
+        checks and the emulator checks no codes. So: a code that started a
+        session is never sent again, and should AWS refuse the code on the
+        shorter request ("MultiFactorAuthentication failed"), the run fails
+        saying a fresh code is needed and the role is asked for 1 h (which
+        every role allows) from then on, without probing: at most one code is
+        lost to this, once per role."""
         if 'duration_seconds' in self.account:
             return sts.assume_role(DurationSeconds=self.account['duration_seconds'], **kwargs)['Credentials']
         duration = self._remembered_duration()
@@ -683,19 +704,22 @@ class _TemporaryCredentialFetcher:
             try:
                 return sts.assume_role(DurationSeconds=duration, **kwargs)['Credentials']
             except ClientError as e:
-                shorter = _shorter_duration(e, duration)
+                shorter, limit = _shorter_duration(e, duration)
                 if shorter is None:
+                    if self.probed and 'token_code' in self.account and _code_refused(e):
+                        self.probed = ROLE_DURATION_STEPS[-1]
+                        self._remember_duration(self.probed, MFA_PINNED_DURATION_TTL)
                     raise
-                LOG.info('[AWS auth] %s allows no %d s session (%s): asking for %d s%s',
-                         self.account['assume_role_arn'], duration,
-                         'role chaining' if shorter == CHAINED_ROLE_DURATION and 'chaining' in str(e)
-                         else 'MaxSessionDuration', shorter,
-                         ' with the same MFA code, which AWS did not accept or refuse'
+                LOG.info('[AWS auth] %s: a %d s session exceeds %s; asking for %d s%s',
+                         self.account['assume_role_arn'], duration, limit, shorter,
+                         ' with the same MFA code (AWS refused the duration, not the code)'
                          if 'token_code' in self.account else '')
                 self.probed = duration = shorter
-                if not self.chained:
-                    self.cache.set(self.duration_key, json.dumps({'duration_seconds': shorter}),
-                                   expire=ROLE_DURATION_TTL)
+                self._remember_duration(shorter, ROLE_DURATION_TTL)
+
+    def _remember_duration(self, duration, ttl):
+        if not self.chained:
+            self.cache.set(self.duration_key, json.dumps({'duration_seconds': duration}), expire=ttl)
 
     def _remembered_duration(self):
         if self.chained:
@@ -708,7 +732,8 @@ class _TemporaryCredentialFetcher:
             line += (f"; the MFA code for {self.account['serial_number']} has now been used: "
                      "put a fresh code in account['token_code'] before the next run")
             if self.probed:
-                line += f' (it will ask the role for a {self.probed} s session at once)'
+                line += (f'; the next run asks the role for {self.probed} s at once (set '
+                         "account['duration_seconds'] for another length)")
         if 'ExternalId' in line or ('AccessDenied' in line and 'external_id' in self.account):
             line += "; check account['external_id'] against the role's trust policy"
         return line
@@ -743,6 +768,16 @@ class _TemporaryCredentialFetcher:
             f"account['token_code'] holds the code already used for device {device} to start a "
             f'session with other settings (duration_seconds, role or session name), valid until '
             f'{expiry}; AWS accepts each code only once. {fix}')
+
+    def _warn_if_mfa_short(self, record, now):
+        if 'token_code' not in self.account:
+            return
+        left = _parse_time(record['expiry_time']) - now
+        if left < MFA_WARN_LEFT:
+            LOG.warning('[AWS auth] the MFA session for device %s expires at %s (in %d min); after that '
+                        "a fresh code is needed in account['token_code']",
+                        self.account['serial_number'], record['expiry_time'],
+                        max(0, int(left.total_seconds() // 60)))
 
     def _used_code_entry(self):
         digest = self._code_digest()
@@ -807,17 +842,29 @@ class _TemporaryCredentialFetcher:
         self.cache.set(self.cache_key, json.dumps(record), expire=expire)
 
 
+def _code_refused(error):
+    """AWS's answer to an MFA code it does not accept (wrong, expired or used)."""
+    err = error.response.get('Error', {})
+    return err.get('Code') == 'AccessDenied' and 'MultiFactorAuthentication' in (err.get('Message') or '')
+
+
 def _shorter_duration(error, duration):
-    """The next duration to ask for after AWS found `duration` too long, or None."""
+    """(the next duration to ask for, the limit AWS named) after AWS found
+    `duration` too long; (None, None) for any other error. AWS's texts:
+    "The requested DurationSeconds exceeds the MaxSessionDuration set for this
+    role." and "... exceeds the 1 hour session limit for roles assumed by role
+    chaining." (ValidationError, HTTP 400)."""
     err = error.response.get('Error', {})
     message = err.get('Message') or ''
     if err.get('Code') != 'ValidationError' or 'DurationSeconds' not in message:
-        return None
+        return None, None
     if 'chaining' in message:
-        return CHAINED_ROLE_DURATION if duration > CHAINED_ROLE_DURATION else None
+        if duration > CHAINED_ROLE_DURATION:
+            return CHAINED_ROLE_DURATION, 'the 1 h limit of role chaining'
+        return None, None
     if 'MaxSessionDuration' not in message:
-        return None
-    return next((d for d in ROLE_DURATION_STEPS if d < duration), None)
+        return None, None
+    return next((d for d in ROLE_DURATION_STEPS if d < duration), None), "the role's MaxSessionDuration"
 
 
 def _metadata(record):
@@ -829,7 +876,8 @@ def _metadata(record):
 # --------------------------------------------------------------------------
 
 def _require_default_chain(bs):
-    """botocore's chain finds nothing: say why, and for EC2 say what to do."""
+    """The default chain's credentials; when botocore's chain finds nothing,
+    say why, and for EC2 say what to do."""
     failure = None
     try:
         creds = bs.get_credentials()
@@ -837,7 +885,7 @@ def _require_default_chain(bs):
         creds, failure = None, str(e)
     if creds is not None:
         LOG.debug('[AWS auth] credentials from the default chain: %s', creds.method)
-        return
+        return creds
     raise AuthError(
         "no credentials: the account has no ak_id, so botocore's default chain was used "
         '(environment, profile, web identity, container, EC2 instance role) and '
@@ -885,6 +933,104 @@ def _hop_limit_hint(endpoint, timeout):
 
 
 # --------------------------------------------------------------------------
+# One account as a collector uses it
+# --------------------------------------------------------------------------
+
+class CollectorAccount:
+    """What every AWS collector needs of its account: the checked dict, the
+    partition of its regions, one session for all of them (it loads the
+    service models once and its clients are thread-safe), the regions to
+    collect (['*'] resolved through ec2:DescribeRegions), and the identity
+    call, started early in a thread of its own so that it overlaps the first
+    requests."""
+
+    def __init__(self, account, regions, cache=None, clock=None, label='AWS'):
+        self.account = validate_account(account)
+        self.regions = regions
+        self.cache = cache
+        self.clock = clock
+        self.label = label
+        self.partition = None
+        if regions != ['*']:
+            self.partition = check_partition(regions, "collector_configs['regions']")
+            check_role_partition(self.account, self.partition)
+        self._session = None
+        self._identity = None
+        self._pending_identity = None
+
+    def session(self):
+        if self._session is None:
+            if self.partition is None:
+                self.partition = self._discover_partition()
+            home = self.regions[0] if self.regions != ['*'] else PARTITION_STS_REGION.get(
+                self.partition, 'us-east-1')
+            self._session = get_session(
+                self.account, region=home, regions=None if self.regions == ['*'] else self.regions,
+                cache=self.cache, clock=self.clock)
+        return self._session
+
+    def start_identity(self, cancellation, config=None):
+        """Begin the identity call in the background (a no-op once known)."""
+        if self._identity is None and self._pending_identity is None:
+            session = self.session()
+            sts = cancellation.watch(session.client('sts', region_name=session.region_name,
+                                                    config=config))
+            self._pending_identity = core.in_background(
+                describe_identity, session, self.account, cache=self.cache, client=sts)
+
+    def identity(self):
+        """The account in use (method, account id, ARN, partition): one sts call,
+        or the answer of the one start_identity began."""
+        if self._identity is None:
+            pending, self._pending_identity = self._pending_identity, None
+            if pending is not None:
+                self._identity = pending.result()
+            else:
+                self._identity = describe_identity(self.session(), self.account, cache=self.cache)
+        return self._identity
+
+    def resolve_regions(self, config=None):
+        """The configured regions, or for ['*'] every region enabled for the
+        account in its partition."""
+        if self.regions != ['*']:
+            return list(self.regions)
+        session = self.session()
+        home = session.region_name
+        client = session.client('ec2', region_name=home, config=config)
+        try:
+            resp = client.describe_regions(AllRegions=False)
+        except (ClientError, BotoCoreError) as e:
+            line = (describe_client_error(e, 'ec2:DescribeRegions') if isinstance(e, ClientError)
+                    else f'ec2:DescribeRegions: {core.first_line(e)}')
+            raise AuthError(f"regions ['*']: {line}") from None
+        # Real AWS lists only the partition's regions; emulators may list all.
+        regions = sorted(r['RegionName'] for r in resp['Regions']
+                         if r.get('OptInStatus') != 'not-opted-in'
+                         and partition_of(r['RegionName']) == self.partition)
+        LOG.info("[%s] regions ['*'] in %s: %d enabled region(s)", self.label, self.partition,
+                 len(regions))
+        return regions
+
+    def _discover_partition(self):
+        """['*'] names no region: the role's ARN tells the partition, or else
+        the keys do (they work in their own partition only)."""
+        arn = self.account.get('assume_role_arn')
+        if arn:
+            return ROLE_ARN_RE.match(arn).group(1)
+        errors = []
+        for partition, region in PARTITION_STS_REGION.items():
+            try:
+                session = get_session(self.account, region=region, cache=self.cache, clock=self.clock)
+                self._identity = describe_identity(session, self.account, cache=self.cache)
+                return partition
+            except AuthError as e:
+                errors.append(f'{partition}: {e}')
+                if 'InvalidClientTokenId' not in str(e) and 'AuthFailure' not in str(e):
+                    break
+        raise AuthError("regions ['*']: the credentials work in no partition: " + '; '.join(errors))
+
+
+# --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
 
@@ -899,9 +1045,83 @@ def _read_json(cache, key):
     try:
         raw = cache.get(key)
         return json.loads(raw) if raw else None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TypeError) as e:
         LOG.warning('[AWS auth] ignoring an unreadable cache entry: %s', type(e).__name__)
         return None
+
+
+def _read_record(cache, key, valid, what):
+    """The cache entry `key` when `valid(entry)`; an entry of another shape
+    (another version's, damaged, planted) counts as absent: it is logged once
+    (naming what it should have been, never its content) and removed."""
+    record = _read_json(cache, key)
+    if record is None:
+        return None
+    try:
+        ok = valid(record)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        ok = False
+    if ok:
+        return record
+    LOG.warning('[AWS auth] ignoring a cache entry of an unexpected shape (%s): it counts as absent', what)
+    try:
+        cache.delete(key)
+    except (OSError, AttributeError) as e:
+        LOG.debug('[AWS auth] could not remove it: %s', type(e).__name__)
+    return None
+
+
+def _is_time(value):
+    if not isinstance(value, str):
+        return False
+    try:
+        _parse_time(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_session(record):
+    return (isinstance(record, dict)
+            and all(isinstance(record.get(k), str) and record[k] for k in SESSION_FIELDS[:4])
+            and _is_time(record['expiry_time'])
+            and ('issued' not in record or _is_time(record['issued'])))
+
+
+def _valid_codes(record):
+    return (isinstance(record, dict) and isinstance(record.get('codes'), list)
+            and all(isinstance(e, dict) and isinstance(e.get('code'), str)
+                    and (e.get('expiry_time') is None or _is_time(e['expiry_time']))
+                    and 'expiry_time' in e
+                    for e in record['codes']))
+
+
+def _valid_duration(record):
+    value = isinstance(record, dict) and record.get('duration_seconds')
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and ROLE_DURATION[0] <= value <= ROLE_DURATION[1])
+
+
+def _valid_identity(record):
+    return isinstance(record, dict) and all(
+        isinstance(record.get(k), str) for k in ('method', 'account_id', 'arn', 'partition'))
+
+
+def _identity_of(method, answer, partition):
+    return {'method': method, 'account_id': answer['Account'], 'arn': answer['Arn'],
+            'partition': partition}
+
+
+def _remember_identity(cache, access_key, identity, left):
+    seconds = int(left.total_seconds())
+    if seconds > 60:
+        cache.set(IDENTITY_KEY_PREFIX + _hash(access_key), json.dumps(identity), expire=seconds)
+
+
+def _keyed_digest(secret):
+    """What a cache key holds of a secret: an HMAC with a constant of that
+    purpose, so the key binds the secret without revealing it."""
+    return hmac.new(CACHE_KEY_HMAC, secret.encode(), hashlib.sha256).hexdigest()
 
 
 def _utcnow():

@@ -8,12 +8,15 @@ import socketserver
 import stat
 import threading
 
+import urllib.parse
+
 import pytest
 
 import integration_aws_auth as auth
 import integration_core__runner as core
 from conftest import account_of, sts_calls, unique
 from demo_emulator import ImdsServer, USER_POLICY
+from servers import FaultProxy
 
 UTC = datetime.timezone.utc
 
@@ -38,6 +41,73 @@ def identity(account, region='us-east-1', **kwargs):
 
 def ec2_call(session, region='us-east-1'):
     return session.client('ec2', region_name=region).describe_instances(MaxResults=5)
+
+
+def sts_error(code, message, status=400):
+    return ('status', status, '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+            f'<Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>'
+            '<RequestId>test</RequestId></ErrorResponse>')
+
+
+MAX_SESSION_TEXT = 'The requested DurationSeconds exceeds the MaxSessionDuration set for this role.'
+CHAINING_TEXT = ('The requested DurationSeconds exceeds the 1 hour session limit for roles '
+                 'assumed by role chaining.')
+CODE_REFUSED_TEXT = 'MultiFactorAuthentication failed with invalid MFA one time pass code.'
+
+
+class StsRules:
+    """What moto leaves out of STS, done as AWS does it, by a proxy in front of
+    moto: AssumeRole's DurationSeconds against the role's MaxSessionDuration
+    (moto's own record of the role) and against the 1 h cap of role chaining
+    (for the roles in `chained`), and each MFA code accepted once. With
+    `spend_refused_codes`, a code is spent even by a request AWS refused for its
+    duration: the pessimistic reading of AWS, for the worst case."""
+
+    def __init__(self, emulator, spend_refused_codes=False):
+        self.emulator = emulator
+        self.chained = set()
+        self.spend_refused_codes = spend_refused_codes
+        self.spent = set()
+        self.limits = {}
+        self.proxy = FaultProxy(emulator.url, self.rule)
+        self.url = self.proxy.url
+
+    def rule(self, request):
+        if request['service'] != 'sts' or request['action'] not in ('AssumeRole', 'GetSessionToken'):
+            return None
+        params = dict(urllib.parse.parse_qsl(request['body'].decode()))
+        code = params.get('TokenCode')
+        if code and code in self.spent:
+            return sts_error('AccessDenied', CODE_REFUSED_TEXT, 403)
+        fault = None
+        if request['action'] == 'AssumeRole':
+            duration = int(params.get('DurationSeconds', 3600))
+            if params['RoleArn'] in self.chained and duration > 3600:
+                fault = sts_error('ValidationError', CHAINING_TEXT)
+            elif duration > self.max_session(params['RoleArn']):
+                fault = sts_error('ValidationError', MAX_SESSION_TEXT)
+        if code and (fault is None or self.spend_refused_codes):
+            self.spent.add(code)
+        return fault
+
+    def max_session(self, role):
+        if role not in self.limits:
+            iam = self.emulator.client('iam', 'us-east-1')
+            self.limits[role] = iam.get_role(RoleName=role.split('/')[-1])['Role']['MaxSessionDuration']
+        return self.limits[role]
+
+    def assume_durations(self):
+        return [int(dict(urllib.parse.parse_qsl(r['body'].decode())).get('DurationSeconds', 0))
+                for r in self.proxy.seen if r['action'] == 'AssumeRole']
+
+
+@pytest.fixture
+def sts(aws, emulator, monkeypatch):
+    """moto behind StsRules: AWS's session length limits and once-only MFA codes."""
+    rules = StsRules(emulator)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', rules.url)
+    yield rules
+    rules.proxy.stop()
 
 
 # -- each method end to end ----------------------------------------------------
@@ -107,7 +177,10 @@ def test_role_credentials_are_reused_across_runs(aws, user):
     with aws.recording() as calls:   # the next */15 run: a new session, same cache
         session, ident = identity(account)
         ec2_call(session)
-    assert sts_calls(calls) == [], 'the second run must reuse the cached role session'
+    # The cached session is shown to AWS once (GetCallerIdentity), not renewed.
+    (check,) = sts_calls(calls)
+    assert check['action'] == 'GetCallerIdentity', 'the second run must reuse the cached role session'
+    assert check['token'] and check['access_key'] != user['ak_id']
     assert 'assumed-role' in ident['arn']
 
 
@@ -154,7 +227,7 @@ def test_mfa_with_role_sends_the_code_once_across_runs(aws, user):
     (assume,) = sts_calls(first, 'AssumeRole')
     assert assume['params']['TokenCode'] == '918273'
     assert assume['params']['SerialNumber'] == account['serial_number']
-    assert sts_calls(second) == []
+    assert [c['action'] for c in sts_calls(second)] == ['GetCallerIdentity']
     assert ident2 == ident and ident['method'] == 'mfa_assume_role'
 
 
@@ -164,19 +237,26 @@ def test_mfa_without_role_uses_get_session_token_once(aws, user):
         session = auth.get_session(account, region='us-east-1')
         session.client('ec2', region_name='us-east-1').meta.events  # no call yet
         frozen = session.get_credentials().get_frozen_credentials()
-    with aws.recording() as second:
-        again = auth.get_session(account, region='us-east-1').get_credentials().get_frozen_credentials()
+    # moto's GetSessionToken returns fixed credentials that its own IAM
+    # enforcement refuses; AWS's work. So the second run's check of the cached
+    # session (GetCallerIdentity) is made with enforcement off.
+    aws.enforce(False)
+    try:
+        with aws.recording() as second:
+            again = auth.get_session(account, region='us-east-1').get_credentials().get_frozen_credentials()
+    finally:
+        aws.enforce(True)
     (gst,) = sts_calls(first)
     assert gst['action'] == 'GetSessionToken' and gst['access_key'] == user['ak_id']
     assert gst['params']['TokenCode'] == '918273'
     assert gst['params']['DurationSeconds'] == '7200'
-    assert sts_calls(second) == []
-    # moto's GetSessionToken returns fixed credentials; what matters is that the
-    # session uses them (with their token), and the second run reuses them.
+    assert [c['action'] for c in sts_calls(second)] == ['GetCallerIdentity']
+    # What matters is that the session uses them (with their token), and the
+    # second run reuses them.
     assert frozen.token and again.access_key == frozen.access_key
 
 
-def test_expired_mfa_session_with_the_used_code_fails_clearly(aws, user, caplog):
+def test_expired_mfa_session_with_the_used_code_fails_clearly(aws, sts, user, caplog):
     role = make_role(aws, user)
     account = mfa_account(aws, user, role)
     clock = Clock()
@@ -199,7 +279,7 @@ def test_mfa_session_short_of_an_hour_warns(aws, user, caplog):
     assert any('expires at' in r.getMessage() and 'fresh code' in r.getMessage() for r in caplog.records)
 
 
-def test_fresh_code_after_expiry_starts_a_new_session(aws, user):
+def test_fresh_code_after_expiry_starts_a_new_session(aws, sts, user):
     role = make_role(aws, user)
     account = mfa_account(aws, user, role)
     clock = Clock()
