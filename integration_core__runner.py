@@ -30,7 +30,12 @@ every task.
 
 Environment (or, inside Func, a Func environment variable of the same name)
     INTEGRATION_FORCE=1     collect even when the last collection is fresh.
-    INTEGRATION_STATE_DIR   spool and dead letters (~/.cache/dataflux-integration).
+    INTEGRATION_SPOOL_MAX_MB, INTEGRATION_SPOOL_MAX_DAYS (256, 7),
+    INTEGRATION_DEADLETTER_MAX_MB, INTEGRATION_DEADLETTER_MAX_DAYS (64, 30)
+                            what the spool and the dead letters may keep (Spool).
+Environment (the process's only)
+    INTEGRATION_STATE_DIR   spool and dead letters (~/.cache/dataflux-integration;
+                            it must be ours and closed to others: state_dir()).
 """
 import contextlib
 import datetime
@@ -358,95 +363,302 @@ def _one_line(error, limit=1000):
 # Delivery: batches, spool for what DataKit could not take, dead letters
 # --------------------------------------------------------------------------
 
-class Delivery:
-    """Writes batches through a DFF connector. What cannot be delivered now is
-    spooled to disk and sent first by the next run; points DataKit rejects
-    (HTTP 4xx) are narrowed down by halving and kept in a dead-letter file."""
+SNAPSHOT_CATEGORIES = ('custom_object', 'object')   # each collection supersedes the last
+# Limits of what is kept on disk, per DataKit connector: (environment variable
+# for the total size in MiB, its default, variable for the age in days, default).
+SPOOL_LIMITS = {
+    'spool': ('INTEGRATION_SPOOL_MAX_MB', 256, 'INTEGRATION_SPOOL_MAX_DAYS', 7),
+    'deadletter': ('INTEGRATION_DEADLETTER_MAX_MB', 64, 'INTEGRATION_DEADLETTER_MAX_DAYS', 30),
+}
+SPOOL_FORMAT = 2
 
-    def __init__(self, connector, datakit_id, spool=None):
+
+class Delivery:
+    """Writes batches of points to DataKit through a DFF connector.
+
+    Every point becomes line protocol once (one without a timestamp gets the
+    time it was encoded, as Func's connector would give it when sending);
+    those bytes are what is sent, spooled and sent again, so a replay is
+    byte-identical to the first attempt. They go through the connector's raw
+    write: write_line_protocol(category, lines) of the local DataKitClient, or
+    _do_post of Func's DataKit (or DataWay) helper, where its own
+    write_by_category_many ends. A connector with neither gets the point
+    dicts through write_by_category_many, and the spool waits for a run
+    through one that has.
+
+    What DataKit's answer means (DataKitError.kind):
+      'points'    (400, 413) the batch is halved down to the points DataKit
+                  refuses; they go to one dead-letter file, the rest is delivered.
+      'transient' (unreachable, 408, 429, 5xx, after the client's retries) what
+                  was not accepted yet, and the rest of the run, is spooled.
+      'config'    (401, 403, 404, ...) one line says what to check; everything
+                  is spooled and nothing more is sent this run.
+    Points accepted before a failure are never sent again."""
+
+    def __init__(self, connector, datakit_id, spool=None, clock=time.time):
         self.connector = connector
+        self.datakit_id = datakit_id
         self.spool = spool or Spool(datakit_id)
+        self.clock = clock
+        self.run_id = uuid.uuid4().hex[:12]
+        self._raw = _raw_writer(connector)
         self.written = 0
         self.spooled = 0
         self.dead_lettered = 0
-        self.failed_points = 0
+        self.failed_points = 0   # not delivered by this run: spooled, dead-lettered, left in the spool
         self.last_error = None
-        self.down = False        # after one unreachable DataKit, spool the rest directly
+        self.down = False        # after DataKit failed once, the rest of the run is spooled
 
     def resend_spool(self):
+        """Send what earlier runs spooled, oldest first, before anything new."""
         with self.spool.locked():
-            entries = self.spool.entries()
-            if entries:
-                LOG.info('[Runner] resending %d spooled batch(es) first', len(entries))
-            for path, entry in entries:
+            self.spool.prune(self.clock())
+            names = self.spool.names()
+            if not names:
+                return
+            if self._raw is None:
+                LOG.warning('[Runner] %d spooled batch(es) wait for a later run: the connector %r '
+                            'cannot send line protocol', len(names), self.datakit_id)
+                return
+            LOG.info('[Runner] resending %d spooled batch(es) first', len(names))
+            for index, name in enumerate(names):
+                entry = self.spool.read(name)
+                if entry is None:
+                    continue
+                lines = self._lines_of(entry)
                 try:
-                    self._send(entry['category'], entry['points'])
-                except DataKitError as e:
-                    LOG.warning('[Runner] spooled batches kept for later: %s', e)
+                    self._deliver(entry['category'], lines)
+                except _Undelivered as stop:
+                    self._stop(stop.error, entry['category'])
+                    self.spool.keep(name, entry, [lines[i] for i in stop.remaining])
+                    left = len(stop.remaining) + sum(_spool_count(n) or 0 for n in names[index + 1:])
+                    self.failed_points += left
+                    LOG.warning('[Runner] %d spooled point(s) kept for a later run', left)
                     return
-                self.spool.remove(path)
+                self.spool.remove(name)
 
-    def write(self, category, points):
-        if self.down:
-            return self._spool(category, points)
-        try:
-            self._send(category, points)
-        except DataKitError as e:
-            self.down = True
-            self.last_error = str(e)
-            LOG.error('[Runner] %s', e)
-            self._spool(category, points)
-
-    def _send(self, category, points):
-        """Send; on a 4xx narrow the batch down (halving) to the points DataKit
-        rejects and keep those, with its error, in one dead-letter file."""
-        rejected = []
-        error = self._send_narrowing(category, points, rejected)
-        if not rejected:
+    def write(self, category, points, collector=None):
+        """Deliver one batch of point dicts. `collector` is a stable key of the
+        collector that made them: with it, a spooled object snapshot is
+        superseded by the same collector's newer one (see Spool)."""
+        lines, encoded = self._encode(category, points)
+        if not lines:
             return
-        self.dead_lettered += len(rejected)
-        self.failed_points += len(rejected)
-        self.last_error = str(error)
-        path = self.spool.dead_letter(category, rejected, error)
-        names = [str(p.get('tags', {}).get('name')) for p in rejected]
-        LOG.error('[Runner] DataKit rejected %d point(s) (name=%s%s): %s; kept in %s', len(rejected),
-                  ', '.join(names[:5]), ', ...' if len(names) > 5 else '', error, path)
-
-    def _send_narrowing(self, category, points, rejected):
+        if self.down:
+            return self._spool(category, lines, collector)
         try:
-            self.connector.write_by_category_many(category, points)
-            self.written += len(points)
-            return None
-        except Exception as e:
-            error = e if isinstance(e, DataKitError) else _as_datakit_error(e)
-        if not error.rejected:
-            raise error
-        if len(points) == 1:
-            rejected.extend(points)
-            return error
-        half = len(points) // 2
-        first = self._send_narrowing(category, points[:half], rejected)
-        return self._send_narrowing(category, points[half:], rejected) or first
+            self._deliver(category, lines, encoded)
+        except _Undelivered as stop:
+            self._stop(stop.error, category)
+            self._spool(category, [lines[i] for i in stop.remaining], collector)
 
-    def _spool(self, category, points):
-        path = self.spool.add(category, points)
-        self.spooled += len(points)
-        self.failed_points += len(points)
-        LOG.warning('[Runner] %d point(s) spooled to %s', len(points), path)
+    def _encode(self, category, points):
+        """Line protocol for each point; one that cannot be line protocol is a
+        dead letter at once and is never sent."""
+        lines, encoded, invalid = [], [], []
+        stamp = None
+        for point in points:
+            if isinstance(point, dict) and point.get('timestamp') is None:
+                stamp = stamp or time.time_ns()
+                point = dict(point, timestamp=stamp)
+            try:
+                lines.append(to_line_protocol(point))
+                encoded.append(point)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                invalid.append({'name': _point_name(point), 'error': str(e),
+                                'point': point if isinstance(point, dict) else repr(point)})
+        if invalid:
+            error = InvalidPoint(f"name={invalid[0]['name']}: {invalid[0]['error']}")
+            self._dead_letter(category, invalid, error, 'cannot be line protocol')
+        return lines, encoded
+
+    def _lines_of(self, entry):
+        if 'lines' in entry:
+            return entry['lines']
+        # A batch spooled by an earlier version, as point dicts.
+        return self._encode(entry['category'], entry['points'])[0]
+
+    def _deliver(self, category, lines, points=None):
+        """Send `lines`, BATCH_SIZE a request. A batch DataKit refuses as points
+        is halved down to the lines it refuses, which become one dead-letter
+        file. Any other failure raises _Undelivered with the indexes not
+        accepted yet, in order."""
+        pending = [(start, min(start + BATCH_SIZE, len(lines)))
+                   for start in range(0, len(lines), BATCH_SIZE)]
+        refused, refusal = [], None
+        while pending:
+            start, end = pending.pop(0)
+            try:
+                self._post(category, lines[start:end], points[start:end] if points else None)
+            except Exception as e:
+                error = e if isinstance(e, DataKitError) else _as_datakit_error(e)
+                if error.kind != 'points':
+                    if refused:
+                        self._refused(category, lines, refused, refusal)
+                    left = [(start, end)] + pending
+                    raise _Undelivered(error, [i for first, last in left for i in range(first, last)])
+                if end - start == 1:
+                    refused.append(start)
+                    refusal = error
+                else:
+                    middle = (start + end) // 2
+                    pending[:0] = [(start, middle), (middle, end)]
+                continue
+            self.written += end - start
+        if refused:
+            self._refused(category, lines, refused, refusal)
+
+    def _post(self, category, lines, points=None):
+        if self._raw is not None:
+            return self._raw(category, lines)
+        return self.connector.write_by_category_many(category, points)
+
+    def _refused(self, category, lines, indexes, error):
+        records = [{'name': _line_name(lines[i]), 'line': lines[i]} for i in indexes]
+        self._dead_letter(category, records, error, 'DataKit rejected')
+
+    def _dead_letter(self, category, records, error, verb):
+        self.dead_lettered += len(records)
+        self.failed_points += len(records)
+        self.last_error = str(error)
+        path = self.spool.dead_letter(category, records, error, self.clock())
+        names = [str(r['name']) for r in records]
+        if verb == 'DataKit rejected':
+            LOG.error('[Runner] DataKit rejected %d point(s) (name=%s%s): %s; kept in %s', len(records),
+                      ', '.join(names[:5]), ', ...' if len(names) > 5 else '', error, path)
+        else:
+            LOG.error('[Runner] %d point(s) cannot be line protocol (name=%s%s): %s; kept in %s',
+                      len(records), ', '.join(names[:5]), ', ...' if len(names) > 5 else '', error, path)
+
+    def _stop(self, error, category):
+        """DataKit failed, not over the points: nothing more is sent this run."""
+        self.down = True
+        message = self._explain(error, category) if error.kind == 'config' else str(error)
+        if message != self.last_error:
+            LOG.error('[Runner] %s', message)
+        self.last_error = message
+
+    def _explain(self, error, category):
+        """One line for a configuration error: what is wrong, what to check."""
+        where = (f"the DataKit connector {self.datakit_id!r} in Func" if in_func()
+                 else '--datakit or DATAKIT_URL')
+        if error.status in (401, 403, 407):
+            check = f'check the token and access rights that {where} uses'
+        else:
+            check = (f"check {where}: it must be DataKit's HTTP address, "
+                     'e.g. http://127.0.0.1:9529')
+        answer = ' '.join(str(error.body).split())[:300]
+        return (f'DataKit at {_connector_target(self.connector, self.datakit_id)} answered HTTP '
+                f'{error.status} to POST /v1/write/{category} ({answer}): not a problem of '
+                f'the points but of the configuration; {check}. The points are spooled and '
+                'nothing more is sent this run')
+
+    def _spool(self, category, lines, collector):
+        path = self.spool.add(category, lines, collector, self.run_id, self.clock())
+        self.spooled += len(lines)
+        self.failed_points += len(lines)
+        LOG.warning('[Runner] %d point(s) spooled to %s', len(lines), path)
+
+
+class _Undelivered(Exception):
+    """DataKit failed (not over the points); `remaining`: indexes not accepted."""
+
+    def __init__(self, error, remaining):
+        super().__init__(str(error))
+        self.error = error
+        self.remaining = remaining
+
+
+_FUNC_STATUS = re.compile(r'Status Code: (\d{3})\b')
 
 
 def _as_datakit_error(error):
+    """A connector's exception as a DataKitError. Func's DataKit helper raises
+    a plain Exception('POST ... failed. Status Code: 404, Response: ...') on
+    HTTP >= 400, and Exception('... failed. Error: ...') or a socket error
+    when DataKit cannot be reached."""
     status = getattr(error, 'status', None) or getattr(error, 'status_code', None)
-    return DataKitError(status if isinstance(status, int) else None, _one_line(error))
+    text = str(error)
+    if not isinstance(status, int):
+        match = _FUNC_STATUS.search(text)
+        status = int(match.group(1)) if match else None
+    if status is not None and ', Response: ' in text:
+        text = text.split(', Response: ', 1)[1]
+        return DataKitError(status, ' '.join(text.split())[:1000])
+    return DataKitError(status, _one_line(error))
+
+
+def _raw_writer(connector):
+    """write(category, lines) -> (status, body) through the connector, raising
+    on HTTP >= 400; None when the connector cannot send line protocol."""
+    write = getattr(connector, 'write_line_protocol', None)
+    if callable(write):                        # integration_local's DataKitClient
+        return write
+    post = getattr(connector, '_do_post', None)
+    if not callable(post):
+        return None
+    # Func's DataKit helper (and DataWay's): what write_by_category_many does
+    # after encoding, with our bytes. DataWay's _do_post adds its token.
+    source = getattr(connector, 'source', None)
+
+    def write_func(category, lines):
+        return post(path=f'/v1/write/{category}', body='\n'.join(lines), content_type='text/plain',
+                    query={'input': source} if isinstance(source, str) else None,
+                    headers={'X-DFF-Line-Protocol-Category': category})
+    return write_func
+
+
+def _connector_target(connector, datakit_id):
+    target = getattr(connector, 'target', None)
+    if isinstance(target, str):
+        return target
+    host, port = getattr(connector, 'host', None), getattr(connector, 'port', None)
+    if isinstance(host, str):
+        return f"{getattr(connector, 'protocol', None) or 'http'}://{host}:{port}"
+    return f'connector {datakit_id!r}'
+
+
+_LINE_NAME = re.compile(r',name=((?:\\.|[^,\s\\])+)')
+
+
+def _line_name(line):
+    """The `name` tag of a line (for logs): in the series key, before the first unescaped space."""
+    series = re.split(r'(?<!\\) ', line, maxsplit=1)[0]
+    match = _LINE_NAME.search(series)
+    return re.sub(r'\\(.)', r'\1', match.group(1)) if match else None
+
+
+def _point_name(point):
+    try:
+        return str((point.get('tags') or {}).get('name'))
+    except AttributeError:
+        return None
 
 
 class Spool:
-    """Batches on disk, one JSON file each, written atomically with mode 0600."""
+    """What DataKit could not take, on disk, per DataKit connector.
+
+    spool/<connector>/<ns>-<slot>-<run>-<count>-<random>.json, one per batch,
+    written atomically with mode 0600: {"format": 2, "category", "collector",
+    "lines": [line protocol, one per point]}. `slot` is a hash of the category
+    and the collector's key for object snapshots (custom_object, object), '0'
+    for everything else; a run's snapshot supersedes older runs' batches of
+    its slot, so at most one snapshot per collector waits. Metrics keep every
+    point. deadletter/<connector>/<ns>-<count>-<random>.json: the points DataKit
+    refused (name and line) or that cannot be line protocol (name, error,
+    point), with DataKit's status and error.
+
+    Both are capped by total size and age (SPOOL_LIMITS: 256 MiB and 7 days
+    for the spool, 64 MiB and 30 days for dead letters, or the environment
+    variables, or Func environment variables, named there): expired files
+    go first, then the oldest until the total fits. Each drop is one log line
+    saying what was dropped and why."""
 
     def __init__(self, datakit_id, root=None):
         base = root or state_dir()
         self.dir = os.path.join(base, 'spool', _safe_name(datakit_id))
         self.dead_dir = os.path.join(base, 'deadletter', _safe_name(datakit_id))
+        self.limits = {what: _spool_limits(what) for what in SPOOL_LIMITS}
 
     @contextlib.contextmanager
     def locked(self):
@@ -459,34 +671,198 @@ class Spool:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def entries(self):
+    def names(self, directory=None):
+        """The batch files, oldest first."""
+        directory = directory or self.dir
+        try:
+            listing = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return []
         out = []
-        for name in sorted(os.listdir(self.dir)):
+        for name in listing:
             if name.startswith('.tmp-'):
-                _remove_stale(os.path.join(self.dir, name))
-            if not name.endswith('.json'):
-                continue
-            path = os.path.join(self.dir, name)
-            try:
-                with open(path, encoding='utf-8') as f:
-                    out.append((path, json.load(f)))
-            except (OSError, ValueError) as e:
-                LOG.error('[Runner] unreadable spool file %s left in place: %s', path, e)
+                _remove_stale(os.path.join(directory, name))
+            elif name.endswith('.json'):
+                out.append(name)
         return out
 
-    def add(self, category, points):
-        name = f'{time.time_ns()}-{uuid.uuid4().hex[:8]}.json'
-        return atomic_write(os.path.join(self.dir, name),
-                            json.dumps({'category': category, 'points': points}, default=str))
+    def read(self, name):
+        path = os.path.join(self.dir, name)
+        try:
+            with open(path, encoding='utf-8') as f:
+                entry = json.load(f)
+            if not (isinstance(entry, dict) and isinstance(entry.get('category'), str) and (
+                    isinstance(entry.get('lines'), list) or isinstance(entry.get('points'), list))):
+                raise ValueError('not a spooled batch')
+            return entry
+        except FileNotFoundError:        # another run sent or dropped it meanwhile
+            return None
+        except (OSError, ValueError) as e:
+            LOG.error('[Runner] unreadable spool file %s left in place: %s', path, e)
+            return None
 
-    def remove(self, path):
+    def add(self, category, lines, collector=None, run='0', now=None):
+        now = time.time() if now is None else now
+        slot = _spool_slot(category, collector)
+        name = f'{int(now * 1e9)}-{slot}-{run}-{len(lines)}-{uuid.uuid4().hex[:6]}.json'
+        path = atomic_write(os.path.join(self.dir, name), json.dumps(
+            {'format': SPOOL_FORMAT, 'category': category, 'collector': collector, 'lines': lines}))
+        if slot != '0':
+            older = [n for n in self.names() if _spool_fields(n)[1] == slot
+                     and _spool_fields(n)[2] != run]
+            self._drop(self.dir, older, f"superseded by this run's {category} snapshot of the "
+                                        'same collector')
+        self._cap(self.dir, 'spool', now, keep=name)
+        return path
+
+    def keep(self, name, entry, lines):
+        """Rewrite a batch with only `lines`, the ones not delivered yet."""
+        path = os.path.join(self.dir, name)
+        atomic_write(path, json.dumps({'format': SPOOL_FORMAT, 'category': entry['category'],
+                                       'collector': entry.get('collector'), 'lines': lines}))
+        ns, slot, run, _ = _spool_fields(name)
+        if slot is not None:
+            renamed = f'{ns}-{slot}-{run}-{len(lines)}-{name.rsplit("-", 1)[1]}'
+            with contextlib.suppress(OSError):
+                os.rename(path, os.path.join(self.dir, renamed))
+
+    def remove(self, name):
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+            os.remove(os.path.join(self.dir, name))
 
-    def dead_letter(self, category, points, error):
-        name = f'{time.time_ns()}-{uuid.uuid4().hex[:8]}.json'
-        body = {'category': category, 'status': error.status, 'error': error.body, 'points': points}
-        return atomic_write(os.path.join(self.dead_dir, name), json.dumps(body, default=str))
+    def dead_letter(self, category, records, error, now=None):
+        now = time.time() if now is None else now
+        name = f'{int(now * 1e9)}-{len(records)}-{uuid.uuid4().hex[:6]}.json'
+        body = {'format': SPOOL_FORMAT, 'category': category, 'status': error.status,
+                'error': error.body, 'points': records}
+        path = atomic_write(os.path.join(self.dead_dir, name), json.dumps(body, default=str))
+        self._cap(self.dead_dir, 'deadletter', now, keep=name)
+        return path
+
+    def prune(self, now):
+        """Before a resend: drop expired batches and all but the newest
+        snapshot of each slot, then keep both folders within their size."""
+        self._cap(self.dead_dir, 'deadletter', now)
+        newest = {}
+        for name in self.names():
+            ns, slot, run, _ = _spool_fields(name)
+            if slot not in (None, '0'):
+                newest[slot] = run        # names sort oldest first: the last run wins
+        older = [n for n in self.names() if _spool_fields(n)[1] in newest
+                 and _spool_fields(n)[2] != newest[_spool_fields(n)[1]]]
+        self._drop(self.dir, older, 'superseded by a newer snapshot of the same collector')
+        self._cap(self.dir, 'spool', now)
+
+    def _cap(self, directory, what, now, keep=None):
+        max_bytes, max_age = self.limits[what]
+        env_mb, _, env_days, _ = SPOOL_LIMITS[what]
+        names = self.names(directory)
+        expired = [n for n in names if now - _spool_time(directory, n) > max_age]
+        self._drop(directory, expired, f'older than {max_age / 86400:g} day(s) ({env_days})')
+        sizes = []
+        for name in names:
+            if name in expired:
+                continue
+            with contextlib.suppress(OSError):
+                sizes.append((name, os.path.getsize(os.path.join(directory, name))))
+        total = sum(size for _, size in sizes)
+        over = []
+        for name, size in sizes:          # oldest first; the file just written last
+            if total <= max_bytes:
+                break
+            if name != keep:
+                over.append(name)
+                total -= size
+        self._drop(directory, over, f'over the {max_bytes / 2 ** 20:g} MiB limit ({env_mb}), '
+                                    'oldest first')
+
+    def _drop(self, directory, names, why):
+        if not names:
+            return
+        size = points = 0
+        for name in names:
+            path = os.path.join(directory, name)
+            count = _spool_count(name, dead=directory == self.dead_dir)
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                if count is None:         # a name without the count: an earlier version's
+                    with open(path, encoding='utf-8') as f:
+                        entry = json.load(f)
+                    count = len(entry.get('lines') or entry.get('points') or [])
+            with contextlib.suppress(OSError):
+                size += os.path.getsize(path)
+                os.remove(path)
+                points += count or 0
+        what = 'dead-letter file(s)' if directory == self.dead_dir else 'spooled batch(es)'
+        LOG.warning('[Runner] dropped %d %s (%d point(s), %.1f MiB) from %s: %s', len(names),
+                    what, points, size / 2 ** 20, directory, why)
+
+
+def _spool_slot(category, collector):
+    if category not in SNAPSHOT_CATEGORIES or not collector:
+        return '0'
+    return hashlib.sha256(f'{category}\0{collector}'.encode()).hexdigest()[:12]
+
+
+def _spool_fields(name):
+    """(ns, slot, run, count) of a batch file's name; slot, run and count are
+    None for a batch an earlier version spooled (<ns>-<random>.json)."""
+    parts = name[:-len('.json')].split('-')
+    if len(parts) == 5 and parts[3].isdigit():
+        return parts[0], parts[1], parts[2], int(parts[3])
+    return parts[0], None, None, None
+
+
+def _spool_count(name, dead=False):
+    """The number of points a file's name says it holds; None when it doesn't."""
+    parts = name[:-len('.json')].split('-')
+    if dead:
+        return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+    return _spool_fields(name)[3]
+
+
+def _spool_time(directory, name):
+    prefix = name.split('-', 1)[0]
+    if prefix.isdigit() and len(prefix) >= 18:
+        return int(prefix) / 1e9
+    try:
+        return os.path.getmtime(os.path.join(directory, name))
+    except OSError:
+        return time.time()
+
+
+def _spool_limits(what):
+    """(bytes, seconds) for 'spool' or 'deadletter', from the environment (or a
+    Func environment variable of that name), else SPOOL_LIMITS' defaults."""
+    env_mb, default_mb, env_days, default_days = SPOOL_LIMITS[what]
+    out = []
+    for name, default, unit, scale in ((env_mb, default_mb, 'MiB', 2 ** 20),
+                                       (env_days, default_days, 'days', 86400)):
+        value = _setting(name)
+        if value is None or value == '':
+            out.append(default * scale)
+            continue
+        try:
+            number = float(value)
+            if isinstance(value, bool) or not number > 0 or not math.isfinite(number):
+                raise ValueError(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f'{name}={value!r}: must be a number of {unit} above 0, '
+                              f'e.g. {default} (the default)') from None
+        out.append(number * scale)
+    return tuple(out)
+
+
+def _setting(name):
+    """The process environment's value of `name`, else, inside Func, the Func
+    environment variable's."""
+    value = os.environ.get(name)
+    if value is None and in_func():
+        try:
+            value = current_dff().ENV(name)
+        except Exception as e:
+            LOG.warning('[Runner] cannot read the Func environment variable %s: %s', name,
+                        _one_line(e))
+    return value
 
 
 # --------------------------------------------------------------------------

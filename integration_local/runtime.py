@@ -168,7 +168,11 @@ class FileCache:
 
 class DataKitClient:
     """POST /v1/write/<category>?input=...&precision=ns with the write methods of
-    Func's DataKit connector; each returns (status, body) and raises on >= 400."""
+    Func's DataKit connector; each returns (status, body) and raises
+    DataKitError on >= 400. write_line_protocol sends lines as they are (what
+    Delivery sends, spools and sends again). Retries, with backoff, only what
+    may pass later (DataKitError.kind 'transient': unreachable, 408, 429, 5xx);
+    any other answer is raised at once."""
 
     def __init__(self, url=DEFAULT_DATAKIT_URL, source=SOURCE, timeout=WRITE_TIMEOUT,
                  attempts=WRITE_ATTEMPTS, sleep=time.sleep):
@@ -194,6 +198,10 @@ class DataKitClient:
             lines = encode_points(data[start:start + core.BATCH_SIZE])
             result = self._post(category, '\n'.join(lines).encode('utf-8'))
         return result
+
+    def write_line_protocol(self, category, lines):
+        """One request with `lines` (line protocol, one point each) as they are."""
+        return self._post(category, '\n'.join(lines).encode('utf-8'))
 
     def write_metric(self, measurement, tags=None, fields=None, timestamp=None):
         return self.write_by_category('metric', measurement, tags, fields, timestamp)
@@ -227,7 +235,7 @@ class DataKitClient:
             except urllib.error.HTTPError as e:
                 text = e.read().decode('utf-8', 'replace')[:2000]
                 error = DataKitError(e.code, _datakit_message(text) or e.reason)
-                if error.rejected:
+                if error.kind != 'transient':
                     raise error from None
                 retry_after = e.headers.get('Retry-After')
             except (urllib.error.URLError, OSError) as e:

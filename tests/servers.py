@@ -47,6 +47,7 @@ class DataKitReceiver(_Server):
     def __init__(self, script=None):
         self.script = list(script or [])
         self.requests = []          # (path, query, headers, lines) of accepted writes
+        self.bodies = []            # the text of each accepted write, as it came
         self.attempts = 0
         self.lock = threading.Lock()
         outer = self
@@ -76,10 +77,11 @@ class DataKitReceiver(_Server):
                     action = 200
                 if action == 200:
                     url = urllib.parse.urlsplit(self.path)
-                    lines = _decode(self.headers, body).splitlines()
+                    text = _decode(self.headers, body)
                     with outer.lock:
                         outer.requests.append((url.path, dict(urllib.parse.parse_qsl(
-                            url.query, keep_blank_values=True)), dict(self.headers), lines))
+                            url.query, keep_blank_values=True)), dict(self.headers), text.splitlines()))
+                        outer.bodies.append(text)
                     return self._reply(200, b'{}')
                 if action == 400:
                     return self._reply(400, json.dumps({'error_code': 'datakit.invalidLinePoint',

@@ -230,7 +230,7 @@ while True:
     n += 1
     points = [{{'measurement': 'aws_ec2', 'tags': {{'name': f'k-{{os.getpid()}}-{{n}}-{{i}}'}}, 'fields': {{'message': 'x' * 5000}}}}
               for i in range(50)]
-    spool.add('custom_object', points)
+    spool.add('custom_object', [core.to_line_protocol(p) for p in points])
     cache.set('key-%d' % (n % 7), 'v' * 100000, expire=600)
 '''
 
@@ -250,7 +250,7 @@ def test_sigkill_while_writing_leaves_no_corrupt_file(tmp_path, receiver):
     assert spooled
     total = 0
     for path in spooled:
-        total += len(json.loads(path.read_text())['points'])     # every file is whole
+        total += len(json.loads(path.read_text())['lines'])      # every file is whole
     for path in (state / 'cache').glob('*.json'):
         assert json.loads(path.read_text())['value'] == 'v' * 100000
     # the next run delivers everything that was spooled
@@ -264,8 +264,9 @@ def test_sigkill_while_writing_leaves_no_corrupt_file(tmp_path, receiver):
 def test_two_runs_at_once_never_deliver_a_spool_twice(seed_estate, write_script, receiver):
     spool = core.Spool('datakit')
     for batch in range(5):
-        spool.add('custom_object', [{'measurement': 'aws_ec2', 'tags': {'name': f's-{batch}-{i}'},
-                                     'fields': {'f': 1}} for i in range(20)])
+        spool.add('custom_object', [core.to_line_protocol({
+            'measurement': 'aws_ec2', 'tags': {'name': f's-{batch}-{i}'}, 'fields': {'f': 1}})
+            for i in range(20)])
     path = write_script('1_iam_user.py', seed_estate)
     args = [sys.executable, '-m', 'integration_core__runner', 'run', path, '--datakit', receiver.url]
     procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

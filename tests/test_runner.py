@@ -198,37 +198,7 @@ def test_retries_on_5xx_429_and_a_dropped_connection(local, receiver):
     assert receiver.attempts == 4 and len(receiver.names()) == 10
 
 
-def test_rejected_point_is_dead_lettered_and_the_rest_delivered(local, receiver, tmp_path):
-    receiver.script = [('reject_names', ['i-7'])] * 20
-    with pytest.raises(core.RunFailed) as info:
-        core.Runner(FakeCollector(10)).run()
-    assert sorted(receiver.names()) == sorted(f'i-{n}' for n in range(10) if n != 7)
-    (dead,) = list((tmp_path / 'state' / 'deadletter' / 'datakit').iterdir())
-    entry = json.loads(dead.read_text())
-    assert [p['tags']['name'] for p in entry['points']] == ['i-7']
-    assert entry['status'] == 400 and 'invalidLinePoint' in entry['error']
-    assert stat.S_IMODE(dead.stat().st_mode) == 0o600
-    assert '1 point(s) not delivered' in str(info.value)
-    assert info.value.summary['points_dead_lettered'] == 1
-
-
-class BrokenPointCollector(FakeCollector):
-    def collect(self):
-        yield from super().collect()
-        yield {'measurement': 'aws_ec2', 'tags': {'name': 'no-fields'}, 'fields': {}}
-
-
-def test_a_point_that_cannot_be_encoded_is_dead_lettered_not_spooled(local, receiver, tmp_path):
-    with pytest.raises(core.RunFailed) as info:
-        core.Runner(BrokenPointCollector(5)).run()
-    assert sorted(receiver.names()) == [f'i-{n}' for n in range(5)]
-    (dead,) = list((tmp_path / 'state' / 'deadletter' / 'datakit').iterdir())
-    entry = json.loads(dead.read_text())
-    assert [p['tags']['name'] for p in entry['points']] == ['no-fields']
-    assert 'has no fields' in entry['error']
-    assert not list((tmp_path / 'state' / 'spool' / 'datakit').glob('*.json'))
-    assert info.value.summary['points_spooled'] == 0
-
+# (Dead letters, the spool and which DataKit answers mean what: tests/test_delivery.py.)
 
 def test_a_batch_rejected_whole_is_one_dead_letter_file(local, receiver, tmp_path, caplog):
     receiver.script = [400] * 500
