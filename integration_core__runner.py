@@ -48,6 +48,7 @@ import os
 import queue
 import re
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -1031,17 +1032,64 @@ def _truthy(value):
 
 
 def state_dir():
-    """$INTEGRATION_STATE_DIR, else ~/.cache/dataflux-integration, else (a home
-    that cannot be written, as in some containers) a private folder in /tmp."""
+    """Where the spool, the dead letters and the local cache live:
+    $INTEGRATION_STATE_DIR (created with mode 0700 when missing), else
+    ~/.cache/dataflux-integration, else, when the home cannot be written (as in
+    some containers), dataflux-integration-<uid> in the temporary folder.
+
+    What is found there is trusted (a spooled batch is sent to DataKit), so
+    the folder must be this user's and closed to others: owned by our uid and
+    writable by nobody else; the one in the shared temporary folder must
+    moreover be a real directory (not a symbolic link) with no permission for
+    group or others. Otherwise ConfigError, one line saying why and what to do."""
     configured = os.environ.get('INTEGRATION_STATE_DIR')
     if configured:
-        return configured
+        try:
+            _makedirs(configured)
+        except OSError as e:
+            raise ConfigError(f'INTEGRATION_STATE_DIR={configured!r} cannot be created '
+                              f'({e.strerror or e}): set it to a folder this user may write') from None
+        return _private_dir(configured, 'INTEGRATION_STATE_DIR', shared=False)
     home = os.path.join(os.path.expanduser('~'), '.cache', 'dataflux-integration')
     try:
         _makedirs(home)
-        return home
     except OSError:
-        return os.path.join(tempfile.gettempdir(), f'dataflux-integration-{os.getuid()}')
+        fallback = os.path.join(tempfile.gettempdir(), f'dataflux-integration-{os.getuid()}')
+        try:
+            os.mkdir(fallback, 0o700)
+        except FileExistsError:
+            pass                          # checked below: someone else may have made it
+        except OSError as e:
+            raise ConfigError(f'cannot create the state directory {fallback} ({e.strerror or e}) '
+                              'and the home folder is not writable: set INTEGRATION_STATE_DIR '
+                              'to a folder of your own') from None
+        return _private_dir(fallback, 'used because the home folder is not writable', shared=True)
+    return _private_dir(home, 'the default', shared=False)
+
+
+def _private_dir(path, origin, shared):
+    """`path` when only this user can change what is in it, else ConfigError.
+    shared=True (in the temporary folder, where anyone may take the name
+    first): no symbolic link either, and no permission at all for others."""
+    uid = os.getuid()
+    info = os.lstat(path) if shared else os.stat(path)
+    problem = None
+    if stat.S_ISLNK(info.st_mode):
+        problem = 'is a symbolic link'
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = 'is not a directory'
+    elif info.st_uid != uid:
+        problem = f'belongs to uid {info.st_uid}, not to this user (uid {uid})'
+    elif info.st_mode & (0o077 if shared else 0o022):
+        problem = (f'has mode {stat.S_IMODE(info.st_mode):04o}: other users can '
+                   f'{"get into" if shared else "write to"} it')
+    if problem is None:
+        return path
+    fix = ('set INTEGRATION_STATE_DIR to a folder of your own with mode 0700' if shared
+           else 'make it yours with mode 0700 (chown, chmod) or set INTEGRATION_STATE_DIR to '
+                'a folder of your own')
+    raise ConfigError(f'refusing the state directory {path} ({origin}): it {problem}, and files '
+                      f'planted there would be trusted and sent to DataKit; {fix}')
 
 
 def atomic_write(path, text):

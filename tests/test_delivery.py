@@ -464,3 +464,126 @@ def test_a_bad_limit_is_one_line(monkeypatch, name, value):
     with pytest.raises(core.ConfigError) as info:
         core.Spool('datakit')
     assert str(info.value).startswith(f'{name}={value!r}: must be a number of ')
+
+
+# -- item 11: the state directory must be ours ------------------------------------------------
+
+NOBODY = 65534
+
+STARTUP_SCRIPT = '''
+from integration_core__runner import Runner
+
+
+class Collector:
+    title = 'Fake'
+    category = 'custom_object'
+    state_key = 'fake:planted-test'
+
+    def identity(self):
+        return {'method': 'access_key', 'account_id': '123456789012',
+                'arn': 'arn:aws:iam::123456789012:user/fake', 'partition': 'aws'}
+
+    def collect(self):
+        yield {'measurement': 'aws_ec2', 'tags': {'name': 'fresh'}, 'fields': {'f': 1}}
+
+
+@DFF.API('Fake Collection', timeout=60)
+def run():
+    Runner(Collector()).run()
+'''
+
+
+def plant(folder, owner=NOBODY, mode=0o700):
+    """A state directory someone else made, with a spooled batch in it."""
+    batch = folder / 'spool' / 'datakit'
+    batch.mkdir(parents=True)
+    planted = batch / '1700000000000000000-abcdef12.json'    # as any version would send it
+    planted.write_text(json.dumps({
+        'category': 'custom_object', 'lines': ['aws_ec2,name=planted f=1i'],
+        'points': [{'measurement': 'aws_ec2', 'tags': {'name': 'planted'}, 'fields': {'f': 1}}]}))
+    os.chown(planted, owner, owner)
+    for path in (folder, folder / 'spool', batch):
+        os.chown(path, owner, owner)
+        os.chmod(path, mode)
+
+
+@pytest.fixture
+def unwritable_home(tmp_path, monkeypatch):
+    """HOME that cannot hold ~/.cache (a file), the temporary folder in tmp_path."""
+    home = tmp_path / 'home-is-a-file'
+    home.write_text('')
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir(mode=0o1777)
+    os.chmod(tmp, 0o1777)
+    monkeypatch.delenv('INTEGRATION_STATE_DIR', raising=False)
+    monkeypatch.setenv('HOME', str(home))
+    monkeypatch.setenv('TMPDIR', str(tmp))
+    monkeypatch.setattr('tempfile.tempdir', None)
+    return tmp / f'dataflux-integration-{os.getuid()}'
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason='needs root to give a folder to another user')
+def test_a_planted_fallback_state_dir_is_refused_and_nothing_is_sent(unwritable_home, receiver,
+                                                                     tmp_path):
+    plant(unwritable_home)
+    script = tmp_path / 'startup.py'
+    script.write_text(STARTUP_SCRIPT)
+    result = subprocess.run([sys.executable, '-m', 'integration_core__runner', 'run', str(script),
+                             '--datakit', receiver.url], capture_output=True, text=True, cwd=ROOT,
+                            timeout=120, env=dict(os.environ))
+    assert receiver.attempts == 0, 'nothing may be sent, the planted batch least of all'
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [l for l in result.stderr.splitlines() if l.strip()]
+    assert line.startswith(f'error: refusing the state directory {unwritable_home} ')
+    assert f'belongs to uid {NOBODY}, not to this user (uid {os.getuid()})' in line
+    assert 'set INTEGRATION_STATE_DIR' in line
+    assert 'Traceback' not in result.stdout + result.stderr
+
+
+def test_the_fallback_state_dir_is_made_private_and_then_used(unwritable_home):
+    assert core.state_dir() == str(unwritable_home)
+    info = os.lstat(unwritable_home)
+    assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+    assert info.st_uid == os.getuid()
+    assert core.state_dir() == str(unwritable_home)          # ours: accepted the next time
+
+
+@pytest.mark.parametrize('make,problem', [
+    (lambda path, tmp: os.symlink(tmp, path), 'is a symbolic link'),
+    (lambda path, tmp: os.mkdir(path, 0o755) or os.chmod(path, 0o755), 'has mode 0755'),
+    (lambda path, tmp: path.write_text('x'), 'is not a directory'),
+])
+def test_a_fallback_state_dir_not_private_is_refused(unwritable_home, tmp_path, make, problem):
+    target = tmp_path / 'elsewhere'
+    target.mkdir(mode=0o700)
+    make(unwritable_home, target)
+    with pytest.raises(core.ConfigError) as info:
+        core.state_dir()
+    assert problem in str(info.value) and 'set INTEGRATION_STATE_DIR' in str(info.value)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason='needs root to give a folder to another user')
+def test_a_configured_state_dir_of_another_user_is_refused(monkeypatch, tmp_path, receiver):
+    folder = tmp_path / 'theirs'
+    folder.mkdir()
+    plant(folder, mode=0o755)
+    monkeypatch.setenv('INTEGRATION_STATE_DIR', str(folder))
+    monkeypatch.setitem(core._RUNTIME, 'dff', local_runtime.LocalDFF(datakit_url=receiver.url,
+                                                                     cache=core.MemoryCache()))
+    with pytest.raises(core.ConfigError) as info:
+        core.Runner(FakeCollector(1)).run()
+    assert f'belongs to uid {NOBODY}' in str(info.value)
+    assert '(INTEGRATION_STATE_DIR)' in str(info.value) and 'mode 0700' in str(info.value)
+    assert receiver.attempts == 0
+
+
+def test_a_configured_state_dir_others_can_write_is_refused(monkeypatch, tmp_path):
+    folder = tmp_path / 'open'
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    monkeypatch.setenv('INTEGRATION_STATE_DIR', str(folder))
+    with pytest.raises(core.ConfigError) as info:
+        core.state_dir()
+    assert 'has mode 0777: other users can write to it' in str(info.value)
+    os.chmod(folder, 0o750)              # readable by the group is fine: not writable
+    assert core.state_dir() == str(folder)
