@@ -9,6 +9,8 @@ Public entry points
     auth_method(account) -> 'access_key' | 'assume_role' | 'mfa_session' |
         'mfa_assume_role' | 'default_chain' | 'default_chain_assume_role'.
     partition_of(region), check_partition(regions, where) -> partition name.
+    sdk_setting_given(name) -> whether the user set botocore's `name` (e.g.
+        'max_attempts', 'retry_mode') in the environment or the config file.
     AccountConfigError (a ValueError, via core.ConfigError): every invalid account, before any AWS call.
     AuthError (a RuntimeError): credentials that AWS (or the machine) refused.
 
@@ -22,17 +24,25 @@ The account keys (the seed page is the contract)
                             sts:GetSessionToken; with a role: AssumeRole with MFA.
                             The session is cached and reused; a code is sent once.
     duration_seconds        optional session length (role: 900..43200,
-                            GetSessionToken: 900..129600, default 43200).
+                            GetSessionToken: 900..129600). Default: 43200 for
+                            GetSessionToken; for a role, the longest it allows
+                            (43200 stepping down to 3600 on AWS's answer,
+                            remembered per role; 3600 for role chaining).
     extra_tags              dict of str -> str added to every point.
     No ak_id: botocore's default chain (environment, profile, web identity,
     container, EC2 instance metadata), i.e. the instance's IAM role on EC2.
 
 Caching
     Temporary credentials are kept between runs so that a */15 schedule makes one
-    STS call per session lifetime: in DFF.CACHE inside Func, otherwise in files
-    of mode 0600 under $INTEGRATION_STATE_DIR or ~/.cache/dataflux-integration,
-    named by a hash. Only temporary credentials, their expiry and a keyed hash of
-    the last MFA code are stored; never ak_secret.
+    AssumeRole / GetSessionToken per session lifetime (and one GetCallerIdentity
+    per run, which replaces a kept session AWS refuses): in DFF.CACHE inside
+    Func, otherwise in files of mode 0600 under $INTEGRATION_STATE_DIR or
+    ~/.cache/dataflux-integration, named by a hash. Stored: temporary
+    credentials, their expiry and identity, keyed hashes of the MFA codes sent
+    (per device) and each role's session length; never ak_secret. Sessions are
+    filed under keys bound to the base credentials (ak_id and an HMAC of
+    ak_secret, or the default chain's key and an HMAC of its secret). Entries of
+    an unexpected shape count as absent.
 
 Environment honoured (through botocore; we never pass an explicit endpoint)
     AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_STS, HTTPS_PROXY, AWS_CA_BUNDLE,
@@ -49,6 +59,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -213,6 +224,25 @@ def describe_identity(session, account=None, region=None, cache=None, client=Non
     if key and expiry is not None:
         _remember_identity(cache, frozen.access_key, result, expiry - _utcnow())
     return result
+
+
+def sdk_setting_given(name):
+    """Whether the user set botocore's configuration variable `name` (e.g.
+    'max_attempts' through AWS_MAX_ATTEMPTS or `max_attempts` in the config
+    file's profile), so that a collector's own default gives way to it: SDK
+    settings are honoured, never overridden. botocore's defaults do not count."""
+    bs = botocore.session.Session()
+    config_name, env_names = bs.session_var_map[name][:2]
+    if isinstance(env_names, str):
+        env_names = [env_names]
+    if any(os.environ.get(env) for env in env_names or ()):
+        return True
+    if not config_name:
+        return False
+    try:
+        return bs.get_scoped_config().get(config_name) is not None
+    except BotoCoreError:     # a profile that does not exist: botocore itself says so
+        return False
 
 
 def auth_method(account):

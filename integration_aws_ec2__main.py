@@ -14,9 +14,12 @@ collector_configs keys
                     region enabled for the account (ec2:DescribeRegions).
     concurrency     regions collected at once (default: all, at most 32).
     page_size       DescribeInstances MaxResults, 5..1000 (default 1000).
-    retry_mode      botocore retry mode, 'adaptive' (default) or 'standard'.
-    max_attempts    attempts per request, 1..20 (default 8), so throttling
+    retry_mode      botocore retry mode, 'adaptive' or 'standard'.
+    max_attempts    attempts per request, the first included, 1..20, so throttling
                     (RequestLimitExceeded) is absorbed.
+                    Without them: AWS_RETRY_MODE / AWS_MAX_ATTEMPTS (or retry_mode /
+                    max_attempts in the AWS config file) when set, else 'adaptive'
+                    and 8.
 
 Output (compat.md section 4): tags name (= InstanceId), InstanceId, InstanceType,
 PlatformDetails, RegionId, InstanceName, State, StateReason_Code, AvailabilityZone,
@@ -69,7 +72,9 @@ LOG = logging.getLogger('integration.aws.ec2')
 
 MEASUREMENT = 'aws_ec2'
 CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempts')
-DEFAULTS = {'page_size': 1000, 'retry_mode': 'adaptive', 'max_attempts': 8}
+DEFAULTS = {'page_size': 1000}
+# Used when neither collector_configs nor the user's SDK settings give them.
+RETRY_DEFAULTS = {'retry_mode': 'adaptive', 'max_attempts': 8}
 MAX_CONCURRENCY = 32
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
@@ -98,8 +103,11 @@ class DataCollector:
 
     def __init__(self, account, configs=None, filters=None, after_collect=None, *,
                  cache=None, clock=None):
-        self.account = auth.validate_account(account)
+        auth.validate_account(account)      # the account's mistakes are reported first
         self.configs = validate_configs(configs)
+        self.aws = auth.CollectorAccount(account, self.configs['regions'], cache=cache, clock=clock,
+                                         label=self.title)
+        self.account = self.aws.account
         self.extra_tags = self.account.get('extra_tags', {})
         for key in self.extra_tags:
             if key in BUILT_IN_TAGS:
@@ -107,22 +115,13 @@ class DataCollector:
                     f"account['extra_tags'][{key!r}] would overwrite the tag the EC2 collector "
                     'sets itself: rename the key')
         self.regions = self.configs['regions']
-        self.partition = None
-        if self.regions != ['*']:
-            self.partition = auth.check_partition(self.regions, "collector_configs['regions']")
-            auth.check_role_partition(self.account, self.partition)
         self.filters = core.check_filters(filters)
         if after_collect is not None and not callable(after_collect):
             raise core.ConfigError(
                 f'after_collect must be a function taking a point and returning it (or None), '
                 f'not {type(after_collect).__name__}')
         self.after_collect = after_collect
-        self.cache = cache
-        self.clock = clock
         self.results = []
-        self._session = None
-        self._identity = None
-        self._pending_identity = None
         self._run = None
 
     def __repr__(self):
@@ -143,45 +142,22 @@ class DataCollector:
     def identity(self):
         """The account in use (method, account id, ARN, partition): one sts call,
         already under way in the background when start() ran."""
-        if self._identity is None:
-            pending, self._pending_identity = self._pending_identity, None
-            if pending is not None:
-                self._identity = pending.result()
-            else:
-                self._identity = auth.describe_identity(self.session(), self.account, cache=self.cache)
-        return self._identity
-
-    def session(self):
-        """One session per account: it loads the service models once and its
-        clients are thread-safe, so all regions share it."""
-        if self._session is None:
-            if self.partition is None:
-                self.partition = self._discover_partition()
-            home = self.regions[0] if self.regions != ['*'] else auth.PARTITION_STS_REGION.get(
-                self.partition, 'us-east-1')
-            self._session = auth.get_session(
-                self.account, region=home, regions=None if self.regions == ['*'] else self.regions,
-                cache=self.cache, clock=self.clock)
-        return self._session
+        return self.aws.identity()
 
     def start(self):
         """Begin collecting in the background: the Runner calls this before
         identity(), so the identity call overlaps the regions' first pages."""
         if self._run is not None:
             return
-        session = self.session()
         stop = core.Cancellation()
-        if self._identity is None:
-            # Its network wait overlaps the making of the region clients below.
-            sts = stop.watch(session.client('sts', region_name=session.region_name,
-                                            config=self._client_config()))
-            self._pending_identity = core.in_background(
-                auth.describe_identity, session, self.account, cache=self.cache, client=sts)
+        # Its network wait overlaps the making of the region clients below.
+        self.aws.start_identity(stop, self._client_config())
         try:
-            regions = self._resolve_regions(session)
+            regions = self.aws.resolve_regions(self._client_config())
         except Exception:
             stop.cancel()
             raise
+        session = self.aws.session()
         self.results = [_new_result(r) for r in regions]
         workers = min(self.configs.get('concurrency') or MAX_CONCURRENCY, len(regions)) or 1
         run = {
@@ -237,9 +213,9 @@ class DataCollector:
 
     def check(self):
         """Probe each region's permission with a 5-result DescribeInstances."""
-        session = self.session()
+        session = self.aws.session()
         out = []
-        for region in self._resolve_regions(session):
+        for region in self.aws.resolve_regions(self._client_config()):
             client = session.client('ec2', region_name=region, config=self._client_config())
             try:
                 resp = client.describe_instances(MaxResults=5)
@@ -253,8 +229,17 @@ class DataCollector:
     # -- collection ----------------------------------------------------------
 
     def _client_config(self):
-        return Config(retries={'mode': self.configs['retry_mode'],
-                               'max_attempts': self.configs['max_attempts']},
+        """Retries: collector_configs' retry_mode / max_attempts first, then the
+        user's SDK settings (left for botocore to read), then RETRY_DEFAULTS.
+        max_attempts counts attempts, the first included: botocore's
+        total_max_attempts (its Config's own 'max_attempts' counts retries)."""
+        retries = {}
+        for key, option in (('retry_mode', 'mode'), ('max_attempts', 'total_max_attempts')):
+            if key in self.configs:
+                retries[option] = self.configs[key]
+            elif not auth.sdk_setting_given(key):
+                retries[option] = RETRY_DEFAULTS[key]
+        return Config(retries=retries,
                       connect_timeout=10, read_timeout=60, user_agent_extra='integration_aws_ec2')
 
     def _fetch_region(self, client, result, run):
@@ -336,41 +321,6 @@ class DataCollector:
             LOG.error('[%s] %s', result['region'], message)
             return None
         return point
-
-    def _resolve_regions(self, session):
-        if self.regions != ['*']:
-            return list(self.regions)
-        home = session.region_name
-        client = session.client('ec2', region_name=home, config=self._client_config())
-        try:
-            resp = client.describe_regions(AllRegions=False)
-        except (ClientError, BotoCoreError) as e:
-            raise auth.AuthError(f"regions ['*']: {explain_error(e, home)}") from None
-        # Real AWS lists only the partition's regions; emulators may list all.
-        regions = sorted(r['RegionName'] for r in resp['Regions']
-                         if r.get('OptInStatus') != 'not-opted-in'
-                         and auth.partition_of(r['RegionName']) == self.partition)
-        LOG.info("[AWS EC2] regions ['*'] in %s: %d enabled region(s)", self.partition, len(regions))
-        return regions
-
-    def _discover_partition(self):
-        """['*'] names no region: the role's ARN tells the partition, or else
-        the keys do (they work in their own partition only)."""
-        arn = self.account.get('assume_role_arn')
-        if arn:
-            return auth.ROLE_ARN_RE.match(arn).group(1)
-        errors = []
-        for partition, region in auth.PARTITION_STS_REGION.items():
-            try:
-                session = auth.get_session(self.account, region=region,
-                                           cache=self.cache, clock=self.clock)
-                self._identity = auth.describe_identity(session, self.account, cache=self.cache)
-                return partition
-            except auth.AuthError as e:
-                errors.append(f'{partition}: {e}')
-                if 'InvalidClientTokenId' not in str(e) and 'AuthFailure' not in str(e):
-                    break
-        raise auth.AuthError("regions ['*']: the credentials work in no partition: " + '; '.join(errors))
 
 
 # --------------------------------------------------------------------------
@@ -464,10 +414,11 @@ def validate_configs(configs):
     out.update(configs)
     out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")
     core.check_int(out, 'page_size', 5, 1000, where)
-    core.check_int(out, 'max_attempts', 1, 20, where)
+    if 'max_attempts' in out:
+        core.check_int(out, 'max_attempts', 1, 20, where)
     if out.get('concurrency') is not None:
         core.check_int(out, 'concurrency', 1, MAX_CONCURRENCY, where)
-    if out['retry_mode'] not in ('adaptive', 'standard'):
+    if 'retry_mode' in out and out['retry_mode'] not in ('adaptive', 'standard'):
         raise core.ConfigError(f"{where}['retry_mode'] must be 'adaptive' or 'standard' "
                                f"(got {out['retry_mode']!r})")
     return out

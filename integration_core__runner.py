@@ -1184,25 +1184,37 @@ class Cancellation:
 
     def cancel(self):
         self._event.set()
+        # After the event: a connection still connecting now shuts itself.
         for connection in list(self._connections):
-            sock = getattr(connection, 'sock', None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            _shut(connection)
 
     def _refuse(self, **_):
         if self._event.is_set():
             raise Cancelled('the run ended; request not sent')
 
     def _noting_pool(self, base):
-        connections = self._connections
+        connections, cancelled = self._connections, self._event
 
         class NotingPool(base):
             def _new_conn(self):
                 connection = super()._new_conn()
                 connections.add(connection)
+                connect = connection.connect
+
+                def connect_unless_cancelled():
+                    connect()
+                    if cancelled.is_set():
+                        _shut(connection)
+                connection.connect = connect_unless_cancelled
                 return connection
         return NotingPool
+
+
+def _shut(connection):
+    sock = getattr(connection, 'sock', None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class Workers:
