@@ -277,7 +277,7 @@ def test_two_runs_at_once_never_deliver_a_spool_twice(seed_estate, write_script,
     spooled = [n for n in names if n.startswith('s-')]
     assert sorted(spooled) == sorted(f's-{b}-{i}' for b in range(5) for i in range(20))
     # one run collected; the other waited for it, then found the collection fresh
-    assert sum('skipped: last collection' in out for out, _ in outputs) == 1
+    assert sum('skipped: the last collection started' in out for out, _ in outputs) == 1
     assert all(names.count(i) == 1 for i in seed_estate['ids'])
 
 
