@@ -13,10 +13,11 @@ import urllib.parse
 import pytest
 
 import integration_aws_auth as auth
+import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 from conftest import account_of, sts_calls, unique
 from demo_emulator import ImdsServer, USER_POLICY
-from servers import FaultProxy
+from servers import FaultProxy, ec2_error
 
 UTC = datetime.timezone.utc
 
@@ -555,3 +556,344 @@ def test_blank_optional_values_count_as_absent():
     account = {**GOOD, 'assume_role_arn': ROLE, 'external_id': '', 'role_session_name': ''}
     assert auth.validate_account(account) == {**GOOD, 'assume_role_arn': ROLE}
     assert auth.auth_method(account) == 'assume_role'
+
+
+# -- session lengths (issue 11, item 4) --------------------------------------------
+
+def assume_params(rules):
+    return [dict(urllib.parse.parse_qsl(r['body'].decode()))
+            for r in rules.proxy.seen if r['action'] == 'AssumeRole']
+
+
+@pytest.mark.parametrize('limit,asked', [
+    (14400, [43200, 21600, 14400]),
+    (3600, [43200, 21600, 14400, 7200, 3600]),
+], ids=['4h role', '1h role'])
+def test_role_session_is_as_long_as_the_role_allows(aws, sts, user, caplog, limit, asked):
+    role = make_role(aws, user, max_session=limit)
+    account = account_of(user, assume_role_arn=role)
+    clock = Clock()
+    with caplog.at_level(logging.INFO, logger='integration'), aws.recording() as calls:
+        _, ident = identity(account, clock=clock)
+    assert sts.assume_durations() == asked
+    (accepted,) = sts_calls(calls, 'AssumeRole')
+    assert accepted['params']['DurationSeconds'] == str(limit)
+    assert 'assumed-role' in ident['arn']
+    assert any(role in r.getMessage() and 'MaxSessionDuration' in r.getMessage() for r in caplog.records)
+    # Once that session is over, the next one asks for the role's limit at once.
+    clock.advance(limit)
+    del sts.proxy.seen[:]
+    auth.get_session(account, region='us-east-1', clock=clock)
+    assert sts.assume_durations() == [limit]
+
+
+def test_explicit_duration_is_sent_as_is(aws, sts, user):
+    role = make_role(aws, user, max_session=14400)
+    identity(account_of(user, assume_role_arn=role, duration_seconds=7200))
+    assert sts.assume_durations() == [7200]
+
+
+def test_aws_role_chaining_answer_falls_back_to_one_hour(aws, sts, user):
+    role = make_role(aws, user, max_session=43200)
+    sts.chained.add(role)       # as if AWS counted these credentials as a role session
+    _, ident = identity(account_of(user, assume_role_arn=role))
+    assert sts.assume_durations() == [43200, 3600]
+    assert 'assumed-role' in ident['arn']
+
+
+def chained_target(aws, base_role):
+    """A role that the instance role's sessions may assume."""
+    base_session = f"arn:aws:sts::123456789012:assumed-role/{base_role.split('/')[-1]}/instance"
+    target = aws.make_role(unique('target'), base_session, 'aws', max_session=43200)
+    aws.client('iam', 'us-east-1').put_role_policy(
+        RoleName=base_role.split('/')[-1], PolicyName='assume', PolicyDocument=json.dumps(USER_POLICY))
+    return target
+
+
+def test_role_from_the_instance_role_asks_for_the_hour_of_role_chaining(aws, sts, imds):
+    _, base_role = imds
+    target = chained_target(aws, base_role)
+    sts.chained.add(target)
+    _, ident = identity({'assume_role_arn': target})
+    assert sts.assume_durations() == [3600], 'role chaining allows 1 h: no other length is asked'
+    assert f"assumed-role/{target.split('/')[-1]}/Integration" in ident['arn']
+
+
+def test_role_from_the_default_chain_is_renewed_with_the_chains_credentials(aws, imds):
+    server, base_role = imds
+    target = chained_target(aws, base_role)
+    clock = Clock()
+    with aws.recording() as calls:
+        session = auth.get_session({'assume_role_arn': target, 'duration_seconds': 900},
+                                   region='us-east-1', clock=clock)
+        ec2_call(session)
+        clock.advance(700)          # 200 s left: botocore renews (advisory window)
+        ec2_call(session)
+    assumes = sts_calls(calls, 'AssumeRole')
+    assert len(assumes) == 2
+    base_key = server.credentials['AccessKeyId']
+    assert [c['access_key'] for c in assumes] == [base_key, base_key]
+
+
+def test_mfa_role_probes_with_the_same_code_then_asks_the_length_at_once(aws, sts, user):
+    role = make_role(aws, user, max_session=7200)
+    account = mfa_account(aws, user, role)
+    clock = Clock()
+    with aws.recording() as calls:
+        identity(account, clock=clock)
+    assert sts.assume_durations() == [43200, 21600, 14400, 7200]
+    # AWS refused the lengths, not the code: the same code on each request.
+    assert [p['TokenCode'] for p in assume_params(sts)] == ['918273'] * 4
+    (accepted,) = sts_calls(calls, 'AssumeRole')
+    assert accepted['params']['DurationSeconds'] == '7200'
+    clock.advance(7200)
+    account['token_code'] = '246801'
+    del sts.proxy.seen[:]
+    auth.get_session(account, region='us-east-1', clock=clock)
+    assert sts.assume_durations() == [7200]
+
+
+def test_mfa_code_spent_by_a_refused_length_costs_one_code_then_one_hour(aws, user, monkeypatch):
+    """The worst case: an AWS that spends a code even on a request it refused
+    for its length. The run says a fresh code is needed; the used code is not
+    sent again; the next code gets the 1 h every role allows, without probing."""
+    rules = StsRules(aws, spend_refused_codes=True)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', rules.url)
+    try:
+        role = make_role(aws, user, max_session=14400)
+        account = mfa_account(aws, user, role)
+        with pytest.raises(auth.AuthError) as info:
+            identity(account)
+        message = str(info.value)
+        assert 'MultiFactorAuthentication failed' in message and 'fresh code' in message
+        assert 'asks the role for 3600 s' in message and '918273' not in message
+        assert rules.assume_durations() == [43200, 21600]
+        with pytest.raises(auth.AuthError, match='already sent'):
+            identity(account)
+        assert rules.assume_durations() == [43200, 21600], 'a used code is never sent again'
+        account['token_code'] = '112233'
+        _, ident = identity(account)
+        assert rules.assume_durations() == [43200, 21600, 3600]
+        assert 'assumed-role' in ident['arn']
+    finally:
+        rules.proxy.stop()
+
+
+# -- used MFA codes, per device (item 5) ---------------------------------------------
+
+@pytest.mark.parametrize('with_role', [True, False], ids=['AssumeRole', 'GetSessionToken'])
+def test_used_code_is_not_sent_again_when_the_duration_changes(aws, sts, user, with_role):
+    role = make_role(aws, user) if with_role else None
+    account = mfa_account(aws, user, role)
+    auth.get_session(account, region='us-east-1')
+    # As the expiry message suggests: a duration, but still the same code.
+    account['duration_seconds'] = 3600
+    del sts.proxy.seen[:]
+    with aws.recording() as calls:
+        with pytest.raises(auth.AuthError) as info:
+            auth.get_session(account, region='us-east-1')
+    message = str(info.value)
+    assert account['serial_number'] in message and 'already used' in message
+    assert "fresh code from the device in account['token_code']" in message
+    assert '918273' not in message and '\n' not in message
+    assert not [r for r in sts.proxy.seen if b'TokenCode' in r['body']], 'the used code was sent again'
+    assert sts_calls(calls) == []
+
+
+# -- cached sessions belong to their base credentials (item 6) ------------------------
+
+def test_default_chain_role_session_is_not_served_to_another_identity(aws, user, monkeypatch):
+    role = make_role(aws, user)                  # trusts `user` only
+    other = aws.make_user(unique('other'), policy=USER_POLICY)
+    monkeypatch.setenv('AWS_ACCESS_KEY_ID', user['ak_id'])
+    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', user['ak_secret'])
+    _, ident = identity({'assume_role_arn': role})
+    assert 'assumed-role' in ident['arn']
+    monkeypatch.setenv('AWS_ACCESS_KEY_ID', other['ak_id'])
+    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', other['ak_secret'])
+    with aws.recording() as calls:
+        with pytest.raises(auth.AuthError) as info:
+            identity({'assume_role_arn': role})
+    assert 'sts:AssumeRole: AccessDenied' in str(info.value)
+    (assume,) = sts_calls(calls, 'AssumeRole')
+    assert assume['access_key'] == other['ak_id']
+
+
+def test_wrong_secret_is_not_served_the_cached_session(aws, user, monkeypatch):
+    dff = FuncDFF()      # Func: every script importing auth shares this scope
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    role = make_role(aws, user)
+    identity(account_of(user, assume_role_arn=role))
+    bad = 'Wrong' + user['ak_secret'][5:]
+    with aws.recording() as calls:
+        with pytest.raises(auth.AuthError) as info:
+            identity(account_of(user, ak_secret=bad, assume_role_arn=role))
+    assert 'SignatureDoesNotMatch' in str(info.value) and bad not in str(info.value)
+    assert [c['action'] for c in sts_calls(calls)] == ['AssumeRole']
+    for key, value in dff.CACHE.data.items():
+        for secret in (user['ak_secret'], bad):
+            assert secret not in key and secret not in value
+
+
+# -- bad cache content (item 7) --------------------------------------------------------
+
+GARBAGE = {
+    'list': [],
+    'string': 'hello',
+    'number': 42,
+    'empty dict': {},
+    'wrong types': {'access_key': 5, 'secret_key': None, 'token': [], 'expiry_time': 'tomorrow',
+                    'issued': 1, 'codes': 'none', 'duration_seconds': 'long', 'method': 1},
+}
+
+
+@pytest.mark.parametrize('shape', list(GARBAGE), ids=list(GARBAGE))
+def test_cache_entries_of_unexpected_shape_count_as_absent(aws, sts, user, monkeypatch, caplog, shape):
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    role = make_role(aws, user, max_session=7200)
+    account = mfa_account(aws, user, role)
+    identity(account)
+    planted = [key for key in dff.CACHE.data if key.startswith('integration_aws_auth:')]
+    assert len(planted) >= 3        # the session, the used codes, the identity, the role's length
+    for key in planted:
+        dff.CACHE.data[key] = json.dumps(GARBAGE[shape])
+    account['token_code'] = '564738'     # the record of the used one is gone with the rest
+    with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
+        session, ident = identity(account)
+        ec2_call(session)
+    warnings = [r.getMessage() for r in caplog.records if 'unexpected shape' in r.getMessage()]
+    assert warnings and len(warnings) == len(set(warnings)), warnings   # each entry once
+    assert all('564738' not in w and user['ak_secret'] not in w for w in warnings)
+    assert 'assumed-role' in ident['arn']
+    assert [c['params']['TokenCode'] for c in sts_calls(calls, 'AssumeRole')] == ['564738']
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
+        identity(account)
+    assert not [r for r in caplog.records if 'unexpected shape' in r.getMessage()]
+    assert [c['action'] for c in sts_calls(calls)] == ['GetCallerIdentity']
+
+
+def plant_unknown_session(dff):
+    """Replace the cached session's keys with keys AWS does not know."""
+    for key, value in dff.CACHE.data.items():
+        record = json.loads(value)
+        if isinstance(record, dict) and 'access_key' in record:
+            record.update(access_key='ASIAEXAMPLEUNKNOWN000', secret_key='unknown-secret-key',
+                          token='unknown-session-token')
+            dff.CACHE.data[key] = json.dumps(record)
+            return
+    raise AssertionError('no cached session')
+
+
+def test_refused_cached_session_is_replaced_once(aws, user, monkeypatch, caplog):
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    role = make_role(aws, user)
+    account = account_of(user, assume_role_arn=role)
+    identity(account)
+    plant_unknown_session(dff)
+    with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
+        session, ident = identity(account)
+        ec2_call(session)
+    actions = [(c['action'], c['access_key']) for c in sts_calls(calls)]
+    assert actions[:2] == [('GetCallerIdentity', 'ASIAEXAMPLEUNKNOWN000'), ('AssumeRole', user['ak_id'])]
+    assert len(sts_calls(calls, 'AssumeRole')) == 1
+    assert 'assumed-role' in ident['arn']
+    (line,) = [r.getMessage() for r in caplog.records if 'refused the cached' in r.getMessage()]
+    assert 'InvalidClientTokenId' in line and 'unknown-secret-key' not in line
+
+
+def test_refused_cached_mfa_session_asks_for_a_fresh_code(aws, sts, user, monkeypatch):
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    role = make_role(aws, user)
+    account = mfa_account(aws, user, role)
+    identity(account)
+    plant_unknown_session(dff)
+    del sts.proxy.seen[:]
+    with pytest.raises(auth.AuthError) as info:
+        identity(account)
+    message = str(info.value)
+    assert 'AWS refused the cached MFA session' in message and 'InvalidClientTokenId' in message
+    assert account['serial_number'] in message and 'fresh code' in message and '918273' not in message
+    assert not [r for r in sts.proxy.seen if b'TokenCode' in r['body']], 'the used code was sent again'
+    account['token_code'] = '372615'
+    with aws.recording() as calls:
+        session, _ = identity(account)
+        ec2_call(session)
+    (assume,) = sts_calls(calls, 'AssumeRole')
+    assert assume['params']['TokenCode'] == '372615'
+
+
+def earlier_layout_key(account, method):
+    """Where the version before sessions were bound to the base credentials
+    filed an account's session."""
+    return 'integration_aws_auth:' + auth._hash(
+        method, account['ak_id'], account.get('assume_role_arn'), None, 'Integration',
+        account['serial_number'], None, 'aws')
+
+
+def earlier_used_code(account):
+    import hashlib
+    import hmac
+    return hmac.new(account['ak_secret'].encode(),
+                    f"{account['serial_number']}|{account['token_code']}".encode(),
+                    hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize('expired', [False, True], ids=['fresh', 'expired'])
+def test_mfa_session_of_the_earlier_cache_layout(aws, user, monkeypatch, expired):
+    """Upgrading must neither cost a running MFA session nor send its used code again."""
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    role = make_role(aws, user)
+    account = mfa_account(aws, user, role)
+    creds = aws.assume(role, user, 'us-east-1')
+    clock = Clock()
+    if expired:
+        clock.advance(4000)
+    dff.CACHE.data[earlier_layout_key(account, 'mfa_assume_role')] = json.dumps({
+        'access_key': creds['AccessKeyId'], 'secret_key': creds['SecretAccessKey'],
+        'token': creds['SessionToken'], 'expiry_time': auth._format_time(creds['Expiration']),
+        'issued': auth._format_time(datetime.datetime.now(UTC)), 'used_code': earlier_used_code(account)})
+    with aws.recording() as calls:
+        if expired:
+            with pytest.raises(auth.AuthError, match='expired at'):
+                identity(account, clock=clock)
+        else:
+            _, ident = identity(account, clock=clock)
+            assert ident['arn'].endswith('/instance')
+    assert sts_calls(calls, 'AssumeRole') == []
+
+
+# -- retries of the collector's clients (item 4) ---------------------------------------
+
+THROTTLE = ('status', 503, ec2_error('RequestLimitExceeded', 'Request limit exceeded.'))
+SDK_STANDARD_2 = {'AWS_MAX_ATTEMPTS': '2', 'AWS_RETRY_MODE': 'standard'}
+
+
+@pytest.mark.parametrize('configs,env,config_file,attempts', [
+    ({'max_attempts': 2, 'retry_mode': 'standard'}, {}, None, 2),
+    ({}, SDK_STANDARD_2, None, 2),
+    ({}, {}, '[default]\nmax_attempts = 2\nretry_mode = standard\n', 2),
+    ({'max_attempts': 3, 'retry_mode': 'standard'}, SDK_STANDARD_2, None, 3),
+], ids=['max_attempts counts attempts', 'environment over our default',
+        'config file over our default', 'collector_configs over the environment'])
+def test_max_attempts_of_a_throttled_request(emulator, user, monkeypatch, tmp_path,
+                                             configs, env, config_file, attempts):
+    proxy = FaultProxy(emulator.url, lambda r: THROTTLE if r['action'] == 'DescribeInstances' else None)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if config_file:
+        path = tmp_path / 'aws-config'
+        path.write_text(config_file)
+        monkeypatch.setenv('AWS_CONFIG_FILE', str(path))
+    try:
+        collector = ec2.DataCollector(account_of(user), {'regions': ['us-east-1'], **configs})
+        (result,) = collector.check()
+    finally:
+        proxy.stop()
+    assert not result['ok'] and 'RequestLimitExceeded' in result['reason']
+    assert len([r for r in proxy.seen if r['action'] == 'DescribeInstances']) == attempts
