@@ -511,8 +511,15 @@ class Delivery:
 
     def _post(self, category, lines, points=None):
         if self._raw is not None:
-            return self._raw(category, lines)
-        return self.connector.write_by_category_many(category, points)
+            result = self._raw(category, lines)
+        else:
+            result = self.connector.write_by_category_many(category, points)
+        # Func's helper raises only from 400 on: a 3xx (a redirecting proxy)
+        # would otherwise count as delivered.
+        status = result[0] if isinstance(result, tuple) and result else None
+        if isinstance(status, int) and not 200 <= status < 300:
+            raise DataKitError(status, ' '.join(str(result[1:]).split())[:1000])
+        return result
 
     def _refused(self, category, lines, indexes, error):
         records = [{'name': _line_name(lines[i]), 'line': lines[i]} for i in indexes]

@@ -158,6 +158,7 @@ def files(folder):
 @pytest.mark.parametrize('status,check', [
     (404, "it must be DataKit's HTTP address"),
     (405, "it must be DataKit's HTTP address"),
+    (301, "it must be DataKit's HTTP address"),     # Func's helper raises only from 400 on
     (401, 'check the token and access rights'),
     (403, 'check the token and access rights'),
 ])
