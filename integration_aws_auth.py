@@ -666,7 +666,10 @@ class _TemporaryCredentialFetcher:
                         'starting a new one', self.method, line)
             self.cache.delete(self.cache_key)
             self.refused = line
-            return self.fetch(full=True)
+            try:
+                return self.fetch(full=True)
+            finally:
+                self.refused = None
         except BotoCoreError as e:
             raise AuthError(f'sts:GetCallerIdentity in {self.region} failed: {e}') from None
         _remember_identity(self.cache, record['access_key'],

@@ -1,5 +1,7 @@
 """integration_aws_auth against a real moto server with IAM enforcement on."""
 import datetime
+import hashlib
+import hmac
 import http.server
 import json
 import logging
@@ -835,8 +837,6 @@ def earlier_layout_key(account, method):
 
 
 def earlier_used_code(account):
-    import hashlib
-    import hmac
     return hmac.new(account['ak_secret'].encode(),
                     f"{account['serial_number']}|{account['token_code']}".encode(),
                     hashlib.sha256).hexdigest()
