@@ -27,7 +27,11 @@ import boto3
 
 READ_POLICY = {
     'Version': '2012-10-17',
-    'Statement': [{'Effect': 'Allow', 'Action': ['ec2:Describe*', 'sts:GetCallerIdentity'],
+    # moto checks CloudWatch calls as monitoring:<Action> (its endpoint's name);
+    # AWS as cloudwatch:<Action>, which is what the README's policy grants.
+    'Statement': [{'Effect': 'Allow', 'Action': ['ec2:Describe*', 'sts:GetCallerIdentity',
+                                                 'cloudwatch:ListMetrics', 'cloudwatch:GetMetricData',
+                                                 'monitoring:ListMetrics', 'monitoring:GetMetricData'],
                    'Resource': '*'}],
 }
 USER_POLICY = {

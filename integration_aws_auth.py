@@ -70,6 +70,7 @@ import urllib.request
 import boto3
 import botocore.session
 import botocore.utils
+from botocore.config import Config
 from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import (
     BotoCoreError,
@@ -968,6 +969,38 @@ def _hop_limit_hint(endpoint, timeout):
 # --------------------------------------------------------------------------
 # One account as a collector uses it
 # --------------------------------------------------------------------------
+
+# A collector's retries unless collector_configs or the user's SDK settings
+# (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS, the config file) say otherwise: adaptive
+# mode absorbs throttling (RequestLimitExceeded, Throttling) client-side.
+RETRY_DEFAULTS = {'retry_mode': 'adaptive', 'max_attempts': 8}
+RETRY_MODES = ('adaptive', 'standard', 'legacy')
+
+
+def client_config(configs, user_agent):
+    """botocore Config for a collector's clients. Retries: collector_configs'
+    retry_mode / max_attempts first, then the user's SDK settings (left for
+    botocore to read), then RETRY_DEFAULTS. max_attempts counts attempts, the
+    first included: botocore's total_max_attempts (its Config's own
+    'max_attempts' counts retries)."""
+    retries = {}
+    for key, option in (('retry_mode', 'mode'), ('max_attempts', 'total_max_attempts')):
+        if key in configs:
+            retries[option] = configs[key]
+        elif not sdk_setting_given(key):
+            retries[option] = RETRY_DEFAULTS[key]
+    return Config(retries=retries, connect_timeout=10, read_timeout=60,
+                  user_agent_extra=user_agent)
+
+
+def check_retry_options(configs, where):
+    """collector_configs' retry_mode and max_attempts, when given."""
+    if 'max_attempts' in configs:
+        core.check_int(configs, 'max_attempts', 1, 20, where)
+    if 'retry_mode' in configs and configs['retry_mode'] not in RETRY_MODES:
+        raise core.ConfigError(f"{where}['retry_mode'] must be one of "
+                               f"{', '.join(map(repr, RETRY_MODES))} (got {configs['retry_mode']!r})")
+
 
 class CollectorAccount:
     """What every AWS collector needs of its account: the checked dict, the

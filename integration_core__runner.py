@@ -37,6 +37,7 @@ Environment (the process's only)
     INTEGRATION_STATE_DIR   spool and dead letters (~/.cache/dataflux-integration;
                             it must be ours and closed to others: state_dir()).
 """
+import base64
 import contextlib
 import datetime
 import fcntl
@@ -55,12 +56,15 @@ import time
 import traceback
 import uuid
 import weakref
+import zlib
 from concurrent.futures import Future
 
 LOG = logging.getLogger('integration.core')
 
 BATCH_SIZE = 100                 # what Func's own DataKit helper sends per request
 MIN_INTERVAL = {'custom_object': 900, 'object': 900, 'metric': 60}
+OBJECT_CATEGORIES = ('custom_object', 'object')
+LINK_TTL = 3600       # seconds the last object tags serve the metric runs in between
 LOG_FORMAT = '[%(levelname)s] %(message)s'
 
 
@@ -162,8 +166,10 @@ class Runner:
             delivery.resend_spool()
         summary = {'points_written': 0, 'points_collected': 0, 'collectors': []}
         force = self.force if self.force is not None else force_requested(dff)
+        links = ObjectLinks(self.collectors, dff)
         for number, collector in enumerate(self.collectors, 1):
-            summary['collectors'].append(self._run_collector(number, collector, dff, delivery, force))
+            summary['collectors'].append(
+                self._run_collector(number, collector, dff, delivery, force, links))
         if delivery:
             summary['points_written'] = delivery.written
             summary['points_spooled'] = delivery.spooled
@@ -179,7 +185,7 @@ class Runner:
             raise RunFailed('; '.join(failures), summary)
         return summary
 
-    def _run_collector(self, number, collector, dff, delivery, force):
+    def _run_collector(self, number, collector, dff, delivery, force, links):
         label = f'[#{number} {collector.title}]'
         status = {'number': number, 'title': collector.title, 'points': 0,
                   'status': 'ok', 'error': None, 'regions': [], 'identity': None}
@@ -197,6 +203,7 @@ class Runner:
                          label, age, interval)
                 status['status'] = 'skipped'
                 return status
+        links.before(collector)
         cancel = getattr(collector, 'cancel', lambda: None)
         identified = False
         try:
@@ -220,6 +227,7 @@ class Runner:
         points = collector.collect()
         try:
             for point in points:
+                links.note(collector, point)
                 batch.append(point)
                 status['points'] += 1
                 if len(batch) >= BATCH_SIZE:
@@ -239,6 +247,9 @@ class Runner:
             status['regions'].append(region)
             if region.get('error'):
                 LOG.error('%s %s FAILED: %s', label, region['region'], region['error'])
+            elif region.get('summary'):
+                LOG.info('%s %s: %s, %.2f s', label, region['region'], region['summary'],
+                         region['seconds'])
             else:
                 LOG.info('%s %s: %d instance(s), %d page(s), %d API call(s), %.2f s', label,
                          region['region'], region['instances'], region['pages'],
@@ -252,6 +263,8 @@ class Runner:
                  f', {undelivered} not delivered (spooled or dead-lettered)' if undelivered else '')
         if status['status'] == 'ok' and not undelivered and not self.debug:
             _mark_success(dff, state_key, interval, started_at)
+        if status['status'] == 'ok':
+            links.after(collector)
         return status
 
     @staticmethod
@@ -278,6 +291,82 @@ class Runner:
         return {'ok': all(r[2] == 'OK' for r in rows), 'rows': rows}
 
 
+class ObjectLinks:
+    """Hands the tags of objects (e.g. EC2 instances, by their `name`) to the
+    metric collectors that come after them in the same Runner, which copy
+    them onto their points (a collector takes them with link_objects()).
+
+    Object collectors skip most runs (15 minutes) while metric collectors run
+    every few minutes, so the last map is kept in DFF.CACHE for LINK_TTL and
+    used by the runs in between. The key is the object collectors' own state
+    keys: the map of this startup script's estate, nobody else's."""
+
+    def __init__(self, collectors, dff):
+        self.dff = dff
+        self.linkers = [c for c in collectors if callable(getattr(c, 'link_objects', None))]
+        self.sources = [c for c in collectors if c.category in OBJECT_CATEGORIES]
+        self.objects = {}
+        self.fresh = False
+        self.key = 'integration_core:objects:' + fingerprint(sorted(c.state_key for c in self.sources))
+        if self.linkers and self.sources:
+            first_linker = min(collectors.index(c) for c in self.linkers)
+            last_source = max(collectors.index(c) for c in self.sources)
+            if first_linker < last_source:
+                LOG.warning('[Runner] collector #%d (%s) comes before #%d (%s): metrics can take '
+                            "object tags only from collectors before them; put metric "
+                            'collectors last', first_linker + 1, collectors[first_linker].title,
+                            last_source + 1, collectors[last_source].title)
+
+    def before(self, collector):
+        if collector not in self.linkers:
+            return
+        if not self.fresh and self.sources:
+            cached = unpack_json(_cache_get(self.dff, self.key))
+            self.objects = _unpack_objects(cached)
+        collector.link_objects(dict(self.objects))
+
+    def note(self, collector, point):
+        if self.linkers and collector in self.sources:
+            tags = point.get('tags') or {}
+            name = tags.get('name')
+            if name:
+                self.objects[name] = {k: v for k, v in tags.items() if k != 'name'}
+
+    def after(self, collector):
+        """An object collector delivered everything: its map is the newest."""
+        if not self.linkers or collector not in self.sources:
+            return
+        self.fresh = True
+        try:
+            self.dff.CACHE.set(self.key, pack_json(_pack_objects(self.objects)), expires=LINK_TTL)
+        except Exception as e:
+            LOG.warning('[Runner] cannot keep the object tags for the next metric runs: %s',
+                        _one_line(e))
+
+
+def _pack_objects(objects):
+    """{name: tags} as {'keys': [tag keys], 'rows': {name: [values]}}."""
+    keys = sorted({k for tags in objects.values() for k in tags})
+    return {'keys': keys, 'rows': {name: [tags.get(k) for k in keys] for name, tags in objects.items()}}
+
+
+def _unpack_objects(packed):
+    try:
+        keys = packed['keys']
+        return {name: {k: v for k, v in zip(keys, values) if v is not None}
+                for name, values in packed['rows'].items()}
+    except (TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _cache_get(dff, key):
+    try:
+        return dff.CACHE.get(key)
+    except Exception as e:
+        LOG.warning('[Runner] cannot read the cache: %s', _one_line(e))
+        return None
+
+
 def _fail(status, label, message):
     LOG.error('%s FAILED: %s', label, message)
     status['status'] = 'failed'
@@ -291,6 +380,34 @@ def _failures(summary, delivery):
     if delivery and delivery.failed_points:
         failures.append(f'{delivery.failed_points} point(s) not delivered: {delivery.last_error}')
     return failures
+
+
+PACKED = 'zlib:'
+
+
+def pack_json(value):
+    """JSON text for DFF.CACHE (which takes strings); above 4 KiB compressed
+    (zlib, base64), as ListMetrics answers and object maps run to megabytes."""
+    text = json.dumps(value, separators=(',', ':'))
+    if len(text) <= 4096:
+        return text
+    return PACKED + base64.b64encode(zlib.compress(text.encode('utf-8'), 6)).decode('ascii')
+
+
+def unpack_json(text):
+    """What pack_json packed; None for nothing or for anything unreadable
+    (a foreign or damaged entry counts as absent)."""
+    if not text:
+        return None
+    try:
+        if isinstance(text, bytes):
+            text = text.decode('utf-8')
+        if text.startswith(PACKED):
+            text = zlib.decompress(base64.b64decode(text[len(PACKED):])).decode('utf-8')
+        return json.loads(text)
+    except (ValueError, TypeError, zlib.error, UnicodeDecodeError):
+        LOG.warning('[Runner] ignoring an unreadable cache entry')
+        return None
 
 
 def schedule_grace(interval):
@@ -877,6 +994,30 @@ def _setting(name):
 # DataKit HTTP client (the local DFF.SRC) and line protocol
 # --------------------------------------------------------------------------
 
+_LINE_BREAK = re.compile(r'\r\n|[\r\n]')
+TAG_VALUE_MAX_BYTES = 1024      # DataKit cuts longer tag values
+
+
+def clean_tags(tags):
+    """Tags as collectors should write them: values through tag_value, and
+    the empty ones left out."""
+    return {k: v for k, v in ((k, tag_value(v)) for k, v in tags.items()) if v}
+
+
+def tag_value(value):
+    """The user's text as a tag value, changed only where line protocol cannot
+    carry it: a line break becomes a space (it would end the line) and the
+    value is cut at 1024 bytes (DataKit's limit). Tabs, runs of spaces and
+    leading or trailing blanks are kept; None or '' means "omit the tag"."""
+    if value is None:
+        return None
+    text = _LINE_BREAK.sub(' ', str(value))
+    encoded = text.encode('utf-8')
+    if len(encoded) > TAG_VALUE_MAX_BYTES:
+        text = encoded[:TAG_VALUE_MAX_BYTES].decode('utf-8', 'ignore')
+    return text
+
+
 def encode_points(data):
     """Line protocol for a batch; a point that cannot be encoded is InvalidPoint
     (so Delivery narrows the batch to it instead of spooling it forever)."""
@@ -1274,6 +1415,32 @@ def check_filters(filters):
                                    f'tags and fields and returning True to keep it, '
                                    f'not {type(check).__name__}')
     return list(filters)
+
+
+def apply_hooks(point, filters, after_collect, result, subject):
+    """A user's filters and after_collect on one point. A hook that raises is
+    named with the subject (e.g. 'instance i-0abc'), counted against the
+    region's result (its first such error becomes the region's error), and
+    the point is left out: never a quietly partial inventory."""
+    hook = None
+    try:
+        if filters:
+            merged = {**point['tags'], **point['fields']}
+            for index, check in enumerate(filters):
+                hook = f'filters[{index}] ({callable_name(check)})'
+                if not check(merged):
+                    return None
+        if after_collect is not None:
+            hook = f'after_collect ({callable_name(after_collect)})'
+            point = after_collect(point)
+    except Exception as e:
+        message = f'{hook} raised {type(e).__name__}: {e} on {subject}'
+        result['hook_errors'] = result.get('hook_errors', 0) + 1
+        if not result.get('error'):
+            result['error'] = message
+        LOG.error('[%s] %s', result['region'], message)
+        return None
+    return point
 
 
 def first_line(error, limit=300):

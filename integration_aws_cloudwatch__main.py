@@ -1,0 +1,763 @@
+"""CloudWatch metrics collector: the datapoints of the configured namespaces
+and metrics, every period, as DataFlux metrics (measurement `aws_<Namespace>`,
+e.g. `aws_AWS/EC2`), each carrying the tags of the object it measures.
+
+Public entry points
+    DataCollector(account, configs, filters=None, after_collect=None)
+        The startup scripts' `cloudwatch.DataCollector(account, collector_configs)`.
+        Put it last in the Runner, after the object collectors whose tags it
+        copies (EC2: the instance of `InstanceId`). The constructor validates
+        and does no I/O.
+
+collector_configs keys
+    regions             as for EC2: ['cn-northwest-1', ...] or ['*'].
+    targets             list of {'namespace': 'AWS/EC2', 'metrics': [...],
+                        'dimensions': [...]} (default [{'namespace': 'AWS/EC2'}]).
+                        metrics: names with `*` wildcards, OR'd ('CPU*',
+                        '*Credit*'); a list whose first item is 'NOT' excludes
+                        what it names; 'ALL' or ['*'] is every metric. Default:
+                        the EC2 set of compat.md for AWS/EC2, else every metric.
+                        dimensions: the exact set of dimension names a series
+                        must have (default: InstanceId for EC2,
+                        DBInstanceIdentifier for RDS, LoadBalancerName for ELB,
+                        LoadBalancer for ALB/NLB/GWLB, CacheClusterId for
+                        ElastiCache; any set for S3, ES and other namespaces;
+                        'ALL' or ['*'] means any). Targets with the same
+                        namespace narrow one another: a series is kept when it
+                        passes each of them, top to bottom.
+    period              60 or 300 seconds (default 300).
+    statistics          some of Average, Maximum, Minimum, SampleCount, Sum
+                        (default all five).
+    delay               seconds behind now that the read window ends (default
+                        600 for period 300 and 180 for period 60: AWS delivers
+                        basic EC2 metrics 5-10 min late, detailed ones about 2).
+    concurrency         GetMetricData calls at once (default 4, 1..16).
+    discovery_interval  seconds a ListMetrics answer is reused (default 3600).
+    backfill            seconds a run reaches back after missed runs (default
+                        and most 10800: ListMetrics' RecentlyActive=PT3H).
+    retry_mode, max_attempts   as for EC2.
+
+Output (compat.md section 4): category `metric`, measurement `aws_<Namespace>`,
+one point per series and CloudWatch bucket, at the bucket's own time; tags: the
+dimensions, RegionId, cloud_provider=AWS, the account's extra_tags and the
+linked object's tags (all but `name`; the metric's own tags win); fields
+`<MetricName>_<Statistic>` as floats. A statistic without data is left out,
+never written as zero; a bucket without data is not written.
+
+Calls and cost (AWS bills GetMetricData per metric requested): series come from
+ListMetrics (RecentlyActive=PT3H, every page), kept for discovery_interval; only
+those are queried, all statistics of a series in one call, at most 500 queries
+a call, NextToken followed. A region is read when a new bucket has closed
+(period and delay passed), over a window aligned to the period that re-reads
+the REREAD_BUCKETS before it for late datapoints; which buckets each series
+has written is kept, so each bucket is written once across runs.
+
+IAM permissions: cloudwatch:ListMetrics, cloudwatch:GetMetricData,
+ec2:DescribeRegions (only for ['*']), plus what the account's method needs
+(integration_aws_auth).
+"""
+import difflib
+import hashlib
+import logging
+import queue
+import re
+import threading
+import time
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+import integration_core__runner as core
+
+try:
+    # Its script id in Func (the README's paste table); in a checkout or a pip
+    # install the module keeps its file name.
+    import integration_aws__auth as auth
+except ImportError as e:
+    if e.name != 'integration_aws__auth':
+        raise
+    try:
+        import integration_aws_auth as auth
+    except ImportError as e2:
+        if e2.name != 'integration_aws_auth':
+            raise
+        raise ImportError('integration_aws_cloudwatch__main needs integration_aws_auth.py: paste '
+                          'it into Func as the script set `integration_aws`, script `auth` (script '
+                          'id integration_aws__auth), as the README says') from None
+
+LOG = logging.getLogger('integration.aws.cloudwatch')
+
+CONFIG_KEYS = ('regions', 'targets', 'period', 'statistics', 'delay', 'concurrency',
+               'discovery_interval', 'backfill', 'retry_mode', 'max_attempts')
+TARGET_KEYS = ('namespace', 'metrics', 'dimensions')
+STATISTICS = ('Average', 'Maximum', 'Minimum', 'SampleCount', 'Sum')
+PERIODS = (60, 300)
+DEFAULT_DELAY = {60: 180, 300: 600}
+DEFAULTS = {'period': 300, 'statistics': STATISTICS, 'concurrency': 4,
+            'discovery_interval': 3600, 'backfill': 3 * 3600}
+MAX_CONCURRENCY = 16
+MAX_QUERIES = 500            # GetMetricData's fixed limit per call
+REREAD_BUCKETS = 2           # closed buckets read again for late datapoints
+MASK_BUCKETS = 63            # how far back "written" is remembered, in buckets
+NAMESPACE_RE = re.compile(r'^[^:][^:]{0,254}$')
+# compat.md's default EC2 set.
+EC2_METRICS = (
+    'CPUUtilization', 'DiskReadOps', 'DiskWriteOps', 'DiskReadBytes', 'DiskWriteBytes',
+    'MetadataNoToken', 'NetworkIn', 'NetworkOut', 'NetworkPacketsIn', 'NetworkPacketsOut',
+    'CPUCreditUsage', 'CPUCreditBalance', 'CPUSurplusCreditBalance', 'CPUSurplusCreditsCharged',
+    'StatusCheckFailed', 'StatusCheckFailed_Instance', 'StatusCheckFailed_System')
+# The dimensions of a namespace's per-resource series; None: any set.
+DEFAULT_DIMENSIONS = {
+    'AWS/EC2': ('InstanceId',), 'AWS/RDS': ('DBInstanceIdentifier',),
+    'AWS/ELB': ('LoadBalancerName',), 'AWS/ApplicationELB': ('LoadBalancer',),
+    'AWS/NetworkELB': ('LoadBalancer',), 'AWS/GatewayELB': ('LoadBalancer',),
+    'AWS/ElastiCache': ('CacheClusterId',), 'AWS/S3': None, 'AWS/ES': None,
+}
+BUILT_IN_TAGS = ('RegionId', 'cloud_provider')
+
+
+class DataCollector:
+    """One account's CloudWatch metrics in the configured regions."""
+
+    title = 'AWS CloudWatch'
+    category = 'metric'
+    min_interval = core.MIN_INTERVAL['metric']
+
+    def __init__(self, account, configs=None, filters=None, after_collect=None, *,
+                 cache=None, clock=None, now=time.time):
+        auth.validate_account(account)      # the account's mistakes are reported first
+        self.configs = validate_configs(configs)
+        self.aws = auth.CollectorAccount(account, self.configs['regions'], cache=cache, clock=clock,
+                                         label=self.title)
+        self.account = self.aws.account
+        self.extra_tags = self.account.get('extra_tags', {})
+        for key in self.extra_tags:
+            if key in BUILT_IN_TAGS:
+                raise auth.AccountConfigError(
+                    f"account['extra_tags'][{key!r}] would overwrite the tag the CloudWatch "
+                    'collector sets itself: rename the key')
+        self.regions = self.configs['regions']
+        self.targets = self.configs['targets']
+        self.filters = core.check_filters(filters)
+        if after_collect is not None and not callable(after_collect):
+            raise core.ConfigError(
+                f'after_collect must be a function taking a point and returning it (or None), '
+                f'not {type(after_collect).__name__}')
+        self.after_collect = after_collect
+        self.cache = cache
+        self.now = now
+        self.objects = {}
+        self.results = []
+        self._run = None
+
+    def __repr__(self):
+        return (f'<DataCollector cloudwatch method={auth.auth_method(self.account)} '
+                f'regions={self.regions}>')
+
+    @property
+    def state_key(self):
+        """Which collection this is: everything that changes its output."""
+        who = [self.account.get(k) for k in ('ak_id', 'assume_role_arn', 'external_id',
+                                              'role_session_name', 'serial_number')]
+        return 'aws_cloudwatch:' + core.fingerprint(
+            who, self.regions, self.configs, self.extra_tags, self.filters, self.after_collect)
+
+    @property
+    def link_namespaces(self):
+        """The namespaces whose series name an object, by dimension."""
+        return {t['namespace']: t['link'] for t in self.targets if t['link']}
+
+    # -- what the Runner calls -------------------------------------------------
+
+    def link_objects(self, objects):
+        """The Runner hands over {object name: tags} of the object collectors
+        that ran before (or their last run's, kept between runs)."""
+        self.objects = objects or {}
+
+    def identity(self):
+        return self.aws.identity()
+
+    def start(self):
+        """Begin: the identity call and each region's discovery, in the background."""
+        if self._run is not None:
+            return
+        stop = core.Cancellation()
+        self.aws.start_identity(stop, self._client_config())
+        try:
+            regions = self.aws.resolve_regions(self._client_config())
+        except Exception:
+            stop.cancel()
+            raise
+        session = self.aws.session()
+        self.results = [_new_result(r) for r in regions]
+        run = {
+            'out': queue.Queue(),
+            'stop': stop,
+            'pool': core.Workers(self.configs['concurrency'], 'cloudwatch'),
+            'regions': {},
+        }
+        self._run = run
+        config = self._client_config()
+        for result in self.results:
+            client = stop.watch(session.client('cloudwatch', region_name=result['region'],
+                                               config=config))
+            run['regions'][result['region']] = _Region(self, client, result, run)
+            run['pool'].submit(run['regions'][result['region']].discover)
+
+    def collect(self):
+        """Yield points as each GetMetricData call's answer arrives; fill
+        self.results. A region's record of written buckets is saved once all
+        its points were handed to the Runner."""
+        self.start()
+        run, self._run = self._run, None
+        try:
+            pending = len(run['regions'])
+            while pending:
+                kind, region, payload = run['out'].get()
+                if kind == 'points':
+                    yield from payload
+                else:
+                    pending -= 1
+                    run['regions'][region].finish()
+        finally:
+            run['stop'].cancel()
+            run['pool'].stop(core.STOP_GRACE)
+
+    def cancel(self):
+        run, self._run = self._run, None
+        if run is not None:
+            run['stop'].cancel()
+            run['pool'].stop(core.STOP_GRACE)
+            self.results = []
+
+    def check(self):
+        """Probe each region: cloudwatch:ListMetrics and cloudwatch:GetMetricData."""
+        session = self.aws.session()
+        out = []
+        end = int(self.now()) // 60 * 60
+        for region in self.aws.resolve_regions(self._client_config()):
+            client = session.client('cloudwatch', region_name=region, config=self._client_config())
+            namespace = self.targets[0]['namespace']
+            try:
+                listed = client.list_metrics(Namespace=namespace, RecentlyActive='PT3H')['Metrics']
+                metric = listed[0] if listed else {'Namespace': namespace, 'MetricName': 'CPUUtilization',
+                                                   'Dimensions': []}
+                client.get_metric_data(
+                    MetricDataQueries=[{'Id': 'q0', 'MetricStat': {
+                        'Metric': metric, 'Period': 60, 'Stat': 'SampleCount'}}],
+                    StartTime=end - 3600, EndTime=end)
+                out.append({'region': region, 'ok': True, 'reason': (
+                    f'cloudwatch:ListMetrics and cloudwatch:GetMetricData allowed ({len(listed)} '
+                    f'{namespace} series on the first page)')})
+            except (ClientError, BotoCoreError, auth.AuthError) as e:
+                out.append({'region': region, 'ok': False, 'reason': explain_error(e)})
+        return out
+
+    def _client_config(self):
+        return auth.client_config(self.configs, 'integration_aws_cloudwatch')
+
+    def cache_store(self):
+        """Where discovery and the written buckets are kept: DFF.CACHE (inside
+        Func this script's own scope), unless a cache was given."""
+        if self.cache is not None:
+            return self.cache
+        dff = globals().get('DFF')
+        return dff.CACHE if dff is not None else core.default_cache()
+
+
+class _Region:
+    """One region's collection: discovery, then GetMetricData calls on the
+    collector's pool; each call's answer becomes points on the output queue."""
+
+    def __init__(self, collector, client, result, run):
+        self.collector = collector
+        self.client = client
+        self.result = result
+        self.run = run
+        self.region = result['region']
+        self.lock = threading.Lock()
+        self.calls_left = 0
+        self.series = []
+        self.window = None
+        self.state = None           # the record loaded: {'period', 'end', 'written'}
+        self.masks = {}             # this run's masks, re-based to the window's end
+        self.started = time.monotonic()
+
+    def discover(self):
+        """Worker: the series to read (cached ListMetrics), the window, and the
+        GetMetricData calls, submitted to the pool."""
+        try:
+            collector = self.collector
+            self.series = self._series()
+            self.result['series'] = len(self.series)
+            self.state = _load_state(self._cache(), self._key('written'), collector.configs['period'])
+            self.window = self._window()
+            if self.window is None:
+                self.result['note'] = 'no new bucket has closed since the last run'
+            chunks = self._chunks() if self.window and self.series else []
+            self.calls_left = len(chunks)
+            for chunk in chunks:
+                self.run['pool'].submit(self._read, chunk)
+        except Exception as e:
+            self.result['error'] = self._explain(e, 'cloudwatch:ListMetrics')
+            chunks = []
+        if not chunks:
+            self._done()
+
+    def finish(self):
+        """Main thread, after every point of the region was yielded."""
+        self.result['seconds'] = round(time.monotonic() - self.started, 3)
+        if self.window is not None:
+            self._save_state()
+        self.result['buckets'] = len(self.result['buckets'])
+        self.result['messages'] = sorted(self.result['messages'])
+        self.result['summary'] = _summary(self.result)
+
+    # -- discovery ----------------------------------------------------------
+
+    def _series(self):
+        cache, key = self._cache(), self._key('series')
+        cached = core.unpack_json(_cache_get(cache, key))
+        if isinstance(cached, list):
+            self.result['discovery'] = 'cached'
+            return [_Series(*row) for row in cached]
+        found = []
+        for namespace, targets in _by_namespace(self.collector.targets).items():
+            params = {'Namespace': namespace, 'RecentlyActive': 'PT3H'}
+            fixed = _fixed_dimensions(targets)
+            if fixed:
+                # Narrows the answer to series that have these dimensions
+                # (and maybe others: the exact set is checked below).
+                params['Dimensions'] = [{'Name': name} for name in sorted(fixed)]
+            while True:
+                resp = self._call('list_metrics', **params)
+                for metric in resp.get('Metrics', []):
+                    dims = tuple(sorted((d['Name'], d['Value']) for d in metric.get('Dimensions', [])))
+                    if all(_matches(t, metric['MetricName'], dims) for t in targets):
+                        found.append(_Series(namespace, metric['MetricName'], dims))
+                params['NextToken'] = resp.get('NextToken')
+                if not params['NextToken']:
+                    break
+        found.sort(key=lambda s: (s.namespace, s.metric, s.dims))
+        self.result['discovery'] = 'ListMetrics'
+        try:
+            cache.set(key, core.pack_json([[s.namespace, s.metric, [list(d) for d in s.dims]]
+                                           for s in found]),
+                      expires=self.collector.configs['discovery_interval'])
+        except Exception as e:   # a full or broken cache costs ListMetrics calls, not data
+            LOG.warning('[%s] cannot keep the ListMetrics answer: %s', self.region, core.first_line(e))
+        return found
+
+    # -- the window ---------------------------------------------------------
+
+    def _window(self):
+        """[start, end) aligned to the period: end is the last closed bucket
+        (delay included), start reaches back over the buckets since the last
+        run (at most `backfill`) and REREAD_BUCKETS more for late data. None
+        when no bucket closed since the last run."""
+        configs = self.collector.configs
+        period = configs['period']
+        end = int(self.collector.now() - configs['delay']) // period * period
+        last_end = self.state['end'] if self.state else None
+        if last_end is not None and end <= last_end:
+            return None
+        since = last_end if last_end is not None else end - period
+        start = max(since - REREAD_BUCKETS * period, end - configs['backfill'])
+        return start, end
+
+    def _chunks(self):
+        """All statistics of a series in the same call, at most 500 queries a call."""
+        per_call = max(1, MAX_QUERIES // len(self.collector.configs['statistics']))
+        return [self.series[i:i + per_call] for i in range(0, len(self.series), per_call)]
+
+    # -- GetMetricData ------------------------------------------------------
+
+    def _read(self, chunk):
+        """Worker: one GetMetricData call (every NextToken page) for a chunk
+        of series; its points onto the output queue."""
+        configs = self.collector.configs
+        statistics = configs['statistics']
+        start, end = self.window
+        queries = []
+        for index, series in enumerate(chunk):
+            metric = {'Namespace': series.namespace, 'MetricName': series.metric,
+                      'Dimensions': [{'Name': n, 'Value': v} for n, v in series.dims]}
+            for stat_index, stat in enumerate(statistics):
+                queries.append({'Id': f'q{index * len(statistics) + stat_index}', 'ReturnData': True,
+                                'MetricStat': {'Metric': metric, 'Period': configs['period'],
+                                               'Stat': stat}})
+        values = {}                     # query index -> {bucket second: value}
+        try:
+            params = {'MetricDataQueries': queries, 'StartTime': start, 'EndTime': end,
+                      'ScanBy': 'TimestampAscending'}
+            while True:
+                resp = self._call('get_metric_data', **params)
+                for answer in resp.get('MetricDataResults', []):
+                    got = values.setdefault(int(answer['Id'][1:]), {})
+                    for stamp, value in zip(answer.get('Timestamps', ()), answer.get('Values', ())):
+                        got[_epoch(stamp)] = value
+                    if answer.get('Messages'):
+                        self.result['messages'].update(m.get('Value', '') for m in answer['Messages'])
+                params['NextToken'] = resp.get('NextToken')
+                if not params['NextToken']:
+                    break
+            with self.lock:
+                self.result['queries'] += len(queries)
+            points = self._points(chunk, values)
+            self.run['out'].put(('points', self.region, points))
+        except Exception as e:
+            with self.lock:
+                if not self.result['error']:
+                    self.result['error'] = self._explain(e, 'cloudwatch:GetMetricData')
+        finally:
+            with self.lock:
+                self.calls_left -= 1
+                last = self.calls_left == 0
+            if last:
+                self._done()
+
+    def _points(self, chunk, values):
+        collector = self.collector
+        statistics = collector.configs['statistics']
+        period = collector.configs['period']
+        start, end = self.window
+        written = self.state['written'] if self.state else {}
+        last_end = self.state['end'] if self.state else None
+        masks = {}
+        out = []
+        for index, series in enumerate(chunk):
+            by_bucket = {}
+            for stat_index, stat in enumerate(statistics):
+                for second, value in values.get(index * len(statistics) + stat_index, {}).items():
+                    by_bucket.setdefault(second, {})[f'{series.metric}_{stat}'] = float(value)
+            old_mask = written.get(series.sid, 0)
+            new_mask = _shift(old_mask, last_end, end, period)
+            base = None
+            for second in sorted(by_bucket):
+                if not start <= second < end or second % period:
+                    continue
+                if _was_written(old_mask, last_end, second, period):
+                    continue
+                if base is None:
+                    base = self._tags(series)
+                point = {'measurement': 'aws_' + series.namespace, 'tags': dict(base),
+                         'fields': by_bucket[second], 'timestamp': second * 1_000_000_000}
+                point = core.apply_hooks(point, collector.filters, collector.after_collect,
+                                         self.result, f'series {series.label}')
+                new_mask |= _bit(end, second, period)
+                if point is not None:
+                    out.append(point)
+            masks[series.sid] = new_mask
+        with self.lock:
+            self.result['points'] += len(out)
+            self.result['buckets'].update(p['timestamp'] for p in out)
+            self.masks.update(masks)
+        return out
+
+    def _save_state(self):
+        """The record of written buckets, re-based to this window's end. A
+        series this run did not answer for (a failed call) keeps its old bits."""
+        configs = self.collector.configs
+        period, end = configs['period'], self.window[1]
+        masks = {}
+        if self.state:
+            for sid, mask in self.state['written'].items():
+                if isinstance(mask, int):
+                    masks[sid] = _shift(mask, self.state['end'], end, period)
+        masks.update(self.masks)
+        record = {'period': period, 'end': end,
+                  'written': {sid: mask for sid, mask in masks.items() if mask}}
+        try:
+            self._cache().set(self._key('written'), core.pack_json(record),
+                              expires=configs['backfill'] + 3600)
+        except Exception as e:
+            LOG.warning('[%s] cannot keep the record of written buckets: %s', self.region,
+                        core.first_line(e))
+
+    def _tags(self, series):
+        collector = self.collector
+        tags = {}
+        link = _link_dimension(collector.targets, series.namespace)
+        if link:
+            name = dict(series.dims).get(link)
+            tags.update(collector.objects.get(name) or {})
+        tags.update(collector.extra_tags)
+        tags.update(series.dims)
+        tags['RegionId'] = self.region
+        tags['cloud_provider'] = 'AWS'
+        return core.clean_tags(tags)
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _call(self, operation, **params):
+        """One API call, counted (retries included) in the region's result."""
+        name = ''.join(part.title() for part in operation.split('_'))
+        try:
+            resp = getattr(self.client, operation)(**params)
+        except ClientError as e:
+            self._count(name, e.response.get('ResponseMetadata', {}))
+            raise
+        self._count(name, resp['ResponseMetadata'])
+        return resp
+
+    def _count(self, name, metadata):
+        with self.lock:
+            self.result['api_calls'] += 1 + metadata.get('RetryAttempts', 0)
+            self.result['calls'][name] = self.result['calls'].get(name, 0) + 1
+
+    def _done(self):
+        self.run['out'].put(('done', self.region, None))
+
+    def _explain(self, error, action):
+        if self.run['stop'].is_set():
+            return 'stopped: the run ended before this region was collected'
+        return explain_error(error, action)
+
+    def _cache(self):
+        return self.collector.cache_store()
+
+    def _key(self, what):
+        # By the account that answered, not only the keys that asked: two
+        # machines' instance roles share a Func's Redis.
+        account_id = self.collector.identity().get('account_id')
+        return f'integration_aws_cloudwatch:{what}:{self.collector.state_key}:{account_id}:{self.region}'
+
+
+class _Series:
+    """One CloudWatch series: namespace, metric name, sorted dimension pairs."""
+    __slots__ = ('namespace', 'metric', 'dims', 'sid')
+
+    def __init__(self, namespace, metric, dims):
+        self.namespace = namespace
+        self.metric = metric
+        self.dims = tuple(tuple(d) for d in dims)
+        self.sid = hashlib.sha1(repr((namespace, metric, self.dims)).encode()).hexdigest()[:12]
+
+    @property
+    def label(self):
+        return f"{self.metric} {','.join(f'{n}={v}' for n, v in self.dims)}"
+
+
+# --------------------------------------------------------------------------
+# Which buckets a series has written: a bitmask per series
+# --------------------------------------------------------------------------
+# Bit i of a series' mask, relative to the window end E it was saved with,
+# stands for the bucket that starts at E - (i + 1) * period.
+
+def _bit(end, second, period):
+    offset = (end - second) // period - 1
+    return 1 << offset if 0 <= offset < MASK_BUCKETS else 0
+
+
+def _was_written(mask, last_end, second, period):
+    if last_end is None or second >= last_end:
+        return False
+    offset = (last_end - second) // period - 1
+    # Older than the mask reaches: written, or never to be written again.
+    return offset >= MASK_BUCKETS or bool(mask >> offset & 1)
+
+
+def _shift(mask, last_end, end, period):
+    """A mask saved at last_end, re-based to end (later): older bits move up."""
+    if last_end is None or not mask:
+        return 0
+    steps = (end - last_end) // period
+    return (mask << steps) & ((1 << MASK_BUCKETS) - 1) if steps < MASK_BUCKETS else 0
+
+
+def _load_state(cache, key, period):
+    state = core.unpack_json(_cache_get(cache, key))
+    valid = (isinstance(state, dict) and state.get('period') == period
+             and isinstance(state.get('end'), int) and isinstance(state.get('written'), dict)
+             and all(isinstance(m, int) for m in state['written'].values()))
+    if state is not None and not valid:
+        LOG.warning('[AWS CloudWatch] ignoring an unreadable record of written buckets')
+    return state if valid else None
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+def validate_configs(configs):
+    where = 'collector_configs'
+    if not isinstance(configs, dict):
+        raise core.ConfigError(f"{where} must be a dict such as {{'regions': ['cn-northwest-1'], "
+                               f"'targets': [{{'namespace': 'AWS/EC2'}}]}}, not {type(configs).__name__}")
+    for key in configs:
+        if key not in CONFIG_KEYS:
+            raise core.ConfigError(f'{where}[{key!r}] is not a known key; {_suggest(key, CONFIG_KEYS)}')
+    out = dict(DEFAULTS)
+    out.update(configs)
+    out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")
+    if out['period'] not in PERIODS or isinstance(out['period'], bool):
+        raise core.ConfigError(f"{where}['period'] must be 60 or 300 seconds (got {out['period']!r})")
+    out['statistics'] = _check_statistics(out['statistics'], f"{where}['statistics']")
+    if out.get('delay') is None:
+        out['delay'] = DEFAULT_DELAY[out['period']]
+    core.check_int(out, 'delay', 0, 3600, where)
+    core.check_int(out, 'concurrency', 1, MAX_CONCURRENCY, where)
+    core.check_int(out, 'discovery_interval', 60, 86400, where)
+    core.check_int(out, 'backfill', out['period'], 3 * 3600, where)
+    auth.check_retry_options(out, where)
+    out['targets'] = _check_targets(configs.get('targets', [{'namespace': 'AWS/EC2'}]),
+                                    f"{where}['targets']")
+    return out
+
+
+def _check_statistics(statistics, where):
+    if isinstance(statistics, str) or not isinstance(statistics, (list, tuple)) or not statistics:
+        raise core.ConfigError(f'{where} must be a non-empty list such as {list(STATISTICS)!r}')
+    out = []
+    for index, stat in enumerate(statistics):
+        if stat not in STATISTICS:
+            raise core.ConfigError(f'{where}[{index}] {stat!r} is not a statistic; '
+                                   f'{_suggest(stat, STATISTICS)}')
+        if stat not in out:
+            out.append(stat)
+    return out
+
+
+def _check_targets(targets, where):
+    if isinstance(targets, dict):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise core.ConfigError(f"{where} must be a non-empty list such as "
+                               "[{'namespace': 'AWS/EC2', 'metrics': ['CPU*']}]")
+    out = []
+    for index, target in enumerate(targets):
+        here = f'{where}[{index}]'
+        if not isinstance(target, dict):
+            raise core.ConfigError(f"{here} must be a dict such as {{'namespace': 'AWS/EC2'}}, "
+                                   f'not {type(target).__name__}')
+        for key in target:
+            if key not in TARGET_KEYS:
+                raise core.ConfigError(f'{here}[{key!r}] is not a known key; {_suggest(key, TARGET_KEYS)}')
+        namespace = target.get('namespace')
+        if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace) or namespace != namespace.strip():
+            raise core.ConfigError(f"{here}['namespace'] must be a CloudWatch namespace such as "
+                                   f"'AWS/EC2' (got {namespace!r})")
+        if 'metrics' in target:
+            include, exclude = _check_metrics(target['metrics'], f"{here}['metrics']")
+        elif namespace == 'AWS/EC2':
+            include, exclude = [re.compile(re.escape(m) + r'\Z') for m in EC2_METRICS], False
+        else:
+            include, exclude = None, False
+        dims = (_check_dimensions(target['dimensions'], f"{here}['dimensions']")
+                if 'dimensions' in target else DEFAULT_DIMENSIONS.get(namespace))
+        out.append({'namespace': namespace, 'include': include, 'exclude': exclude,
+                    'dimensions': frozenset(dims) if dims is not None else None,
+                    'link': dims[0] if dims is not None and len(dims) == 1 else None,
+                    'given': {k: target[k] for k in TARGET_KEYS if k in target}})
+    return out
+
+
+def _check_metrics(metrics, where):
+    """(patterns or None for all, exclude?)."""
+    if metrics == 'ALL' or metrics == ['*']:
+        return None, False
+    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)) or not metrics:
+        raise core.ConfigError(f"{where} must be 'ALL' or a non-empty list of metric names, with * "
+                               "as a wildcard (e.g. ['CPU*', 'NetworkIn']); ['NOT', ...] excludes")
+    exclude = metrics[0] == 'NOT'
+    names = list(metrics[1:] if exclude else metrics)
+    if exclude and not names:
+        raise core.ConfigError(f"{where}: ['NOT'] excludes nothing: name what to exclude after 'NOT'")
+    patterns = []
+    for index, name in enumerate(names, 1 if exclude else 0):
+        if not isinstance(name, str) or not name.strip() or name == 'NOT':
+            raise core.ConfigError(f'{where}[{index}] must be a metric name or a pattern with * '
+                                   f'(got {name!r})')
+        patterns.append(re.compile('.*'.join(re.escape(part) for part in name.split('*')) + r'\Z'))
+    return patterns, exclude
+
+
+def _check_dimensions(dimensions, where):
+    if dimensions == 'ALL' or dimensions == ['*']:
+        return None
+    if isinstance(dimensions, str) or not isinstance(dimensions, (list, tuple)) or not dimensions:
+        raise core.ConfigError(f"{where} must be a list of dimension names such as ['InstanceId'], "
+                               "or 'ALL'")
+    for index, name in enumerate(dimensions):
+        if not isinstance(name, str) or not name.strip():
+            raise core.ConfigError(f'{where}[{index}] must be a dimension name (got {name!r})')
+    if len(set(dimensions)) != len(dimensions):
+        raise core.ConfigError(f'{where} names a dimension twice')
+    return tuple(dimensions)
+
+
+def _suggest(key, known):
+    near = difflib.get_close_matches(str(key), known, n=1)
+    return f'did you mean {near[0]!r}?' if near else 'known: ' + ', '.join(known)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+def _by_namespace(targets):
+    out = {}
+    for target in targets:
+        out.setdefault(target['namespace'], []).append(target)
+    return out
+
+
+def _matches(target, metric, dims):
+    if target['include'] is not None:
+        hit = any(p.match(metric) for p in target['include'])
+        if hit == target['exclude']:
+            return False
+    if target['dimensions'] is not None and frozenset(n for n, _ in dims) != target['dimensions']:
+        return False
+    return True
+
+
+def _fixed_dimensions(targets):
+    """The dimension set every target of a namespace requires, if any."""
+    sets = {t['dimensions'] for t in targets if t['dimensions'] is not None}
+    return next(iter(sets)) if len(sets) == 1 else None
+
+
+def _link_dimension(targets, namespace):
+    for target in targets:
+        if target['namespace'] == namespace and target['link']:
+            return target['link']
+    return None
+
+
+def _epoch(stamp):
+    return int(stamp.timestamp()) if hasattr(stamp, 'timestamp') else int(stamp)
+
+
+def _cache_get(cache, key):
+    try:
+        return cache.get(key)
+    except Exception as e:
+        LOG.warning('[AWS CloudWatch] cannot read the cache: %s', core.first_line(e))
+        return None
+
+
+def _new_result(region):
+    return {'region': region, 'series': 0, 'points': 0, 'queries': 0, 'api_calls': 0,
+            'calls': {}, 'seconds': 0.0, 'error': None, 'hook_errors': 0, 'discovery': None,
+            'buckets': set(), 'messages': set(), 'note': None}
+
+
+def _summary(result):
+    calls = ', '.join(f'{n} {op}' for op, n in sorted(result['calls'].items())) or 'no API call'
+    text = (f"{result['series']} series, {result['points']} point(s) in "
+            f"{result['buckets']} bucket(s); {calls} ({result['queries']} queries)")
+    if result['discovery'] == 'cached':
+        text += '; series from the cached ListMetrics answer'
+    if result['note']:
+        text += f"; {result['note']}"
+    if result['messages']:
+        text += '; CloudWatch said: ' + '; '.join(sorted(result['messages']))[:300]
+    return text
+
+
+def explain_error(error, action):
+    if isinstance(error, ClientError):
+        return auth.describe_client_error(error, action)
+    if isinstance(error, auth.AuthError):
+        return str(error)
+    return f'{type(error).__name__}: {core.first_line(error)}'
