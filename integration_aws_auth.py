@@ -259,10 +259,18 @@ def auth_method(account):
 
 
 def describe_client_error(error, action):
-    """One line from a botocore ClientError: the code, the message, the action."""
+    """One line from a botocore ClientError: the code, the message, the action.
+    An error body botocore could not parse (XML where it expected JSON, from a
+    proxy or an emulator) leaves it only the HTTP status: its <Code> and
+    <Message>, when present, are taken from the raw text."""
     err = error.response.get('Error', {})
     code = err.get('Code', 'Unknown')
-    message = (err.get('Message') or '').strip().splitlines()[0:1]
+    raw = (err.get('Message') or '').strip()
+    if code.isdigit() and raw.startswith('<'):
+        found = {tag: re.search(f'<{tag}>([^<]*)</{tag}>', raw) for tag in ('Code', 'Message')}
+        code = found['Code'].group(1) if found['Code'] else f'HTTP {code}'
+        raw = found['Message'].group(1) if found['Message'] else ''
+    message = raw.splitlines()[0:1]
     text = f'{action}: {code}'
     if message:
         text += f': {message[0]}'
@@ -974,7 +982,7 @@ def _hop_limit_hint(endpoint, timeout):
 # (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS, the config file) say otherwise: adaptive
 # mode absorbs throttling (RequestLimitExceeded, Throttling) client-side.
 RETRY_DEFAULTS = {'retry_mode': 'adaptive', 'max_attempts': 8}
-RETRY_MODES = ('adaptive', 'standard', 'legacy')
+RETRY_MODES = ('adaptive', 'standard')    # botocore's legacy mode: no throttling backoff
 
 
 def client_config(configs, user_agent):
@@ -998,8 +1006,8 @@ def check_retry_options(configs, where):
     if 'max_attempts' in configs:
         core.check_int(configs, 'max_attempts', 1, 20, where)
     if 'retry_mode' in configs and configs['retry_mode'] not in RETRY_MODES:
-        raise core.ConfigError(f"{where}['retry_mode'] must be one of "
-                               f"{', '.join(map(repr, RETRY_MODES))} (got {configs['retry_mode']!r})")
+        raise core.ConfigError(f"{where}['retry_mode'] must be 'adaptive' or 'standard' "
+                               f"(got {configs['retry_mode']!r})")
 
 
 class CollectorAccount:

@@ -249,7 +249,8 @@ class DataCollector:
                     f'cloudwatch:ListMetrics and cloudwatch:GetMetricData allowed ({len(listed)} '
                     f'{namespace} series on the first page)')})
             except (ClientError, BotoCoreError, auth.AuthError) as e:
-                out.append({'region': region, 'ok': False, 'reason': explain_error(e)})
+                out.append({'region': region, 'ok': False,
+                            'reason': explain_error(e, 'cloudwatch:ListMetrics/GetMetricData')})
         return out
 
     def _client_config(self):

@@ -231,12 +231,12 @@ class Runner:
                 batch.append(point)
                 status['points'] += 1
                 if len(batch) >= BATCH_SIZE:
-                    self._write(delivery, collector.category, batch)
+                    self._write(delivery, collector.category, batch, state_key)
                     batch = []
-            self._write(delivery, collector.category, batch)
+            self._write(delivery, collector.category, batch, state_key)
         except Exception as e:
             LOG.debug('collector traceback:\n%s', traceback.format_exc())
-            self._write(delivery, collector.category, batch)
+            self._write(delivery, collector.category, batch, state_key)
             _fail(status, label, f'collection stopped: {_one_line(e)}')
         finally:
             # A timeout raised while we were writing leaves the generator
@@ -268,9 +268,11 @@ class Runner:
         return status
 
     @staticmethod
-    def _write(delivery, category, batch):
+    def _write(delivery, category, batch, state_key):
+        # The collection's key: a spooled object snapshot gives way to the
+        # same collection's newer one (Spool).
         if delivery and batch:
-            delivery.write(category, batch)
+            delivery.write(category, batch, collector=state_key)
 
     def _check(self):
         """The vendor console's "Test" button: identity and each region's access."""

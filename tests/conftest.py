@@ -178,3 +178,16 @@ def write_script(tmp_path):
         target.write_text(fill_placeholders(text, values or {}))
         return str(target)
     return write
+
+
+@pytest.fixture(scope='session')
+def influx():
+    """A real InfluxDB 1.x (Debian's influxdb): the line-protocol parser that
+    checks our escaping; ./run-tests.sh installs it."""
+    import shutil
+    from influx import Influx
+    if not shutil.which('influxd'):
+        pytest.fail("influxd is missing: ./run-tests.sh installs Debian's influxdb")
+    server = Influx()
+    yield server
+    server.stop()

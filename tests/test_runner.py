@@ -232,6 +232,27 @@ def test_datakit_down_spools_and_the_next_run_sends_first(monkeypatch, tmp_path)
     assert not [p for p in spool.iterdir() if p.suffix == '.json']
 
 
+def test_while_datakit_is_down_the_spool_keeps_one_snapshot_per_collector(monkeypatch, tmp_path):
+    """Three runs of the same object collector into a DataKit that is down:
+    the newest snapshot replaces the older ones; another collector's stays."""
+    down = local_runtime.LocalDFF(datakit_url='http://127.0.0.1:9', sleep=no_wait)
+    monkeypatch.setitem(core._RUNTIME, 'dff', down)
+    for run in range(3):
+        with pytest.raises(core.RunFailed):
+            core.Runner([FakeCollector(150, prefix=f'a{run}', state_key='ec2:a'),
+                         FakeCollector(20, prefix=f'b{run}', state_key='ec2:b')], force=True).run()
+    receiver = DataKitReceiver()
+    try:
+        monkeypatch.setitem(core._RUNTIME, 'dff', local_runtime.LocalDFF(datakit_url=receiver.url,
+                                                                         sleep=no_wait))
+        core.Runner(FakeCollector(1, prefix='c', state_key='ec2:c'), force=True).run()
+    finally:
+        receiver.stop()
+    names = receiver.names()
+    assert sorted(names) == sorted([f'a2-{n}' for n in range(150)] + [f'b2-{n}' for n in range(20)]
+                                   + ['c-0'])
+
+
 def test_slow_datakit_is_retried_after_a_timeout(monkeypatch, receiver):
     receiver.script = [('slow', 2)]
     client = local_runtime.DataKitClient(receiver.url, timeout=0.5, sleep=no_wait)

@@ -1,0 +1,350 @@
+"""The CloudWatch collector: values on moto (IAM enforcement on) for every auth
+method, limits, pages and throttling on a fake CloudWatch that enforces them
+(tests/fake_cloudwatch.py), the line protocol through a real InfluxDB, and the
+linkage to the EC2 objects."""
+import datetime
+import math
+import os
+
+import pytest
+
+import integration_aws_cloudwatch__main as cw
+import integration_aws_ec2__main as ec2
+import integration_core__runner as core
+import integration_local.runtime as local_runtime
+from conftest import ROOT, USER_POLICY, account_of, unique
+from demo_emulator import ImdsServer
+from fake_cloudwatch import FakeCloudWatch, ec2_estate, expected_value
+from servers import DataKitReceiver
+
+PERIOD = 300
+NOW = 1_800_000_000 // PERIOD * PERIOD + 17          # "now", a little past a bucket boundary
+END = (NOW - 600) // PERIOD * PERIOD                 # the first run's window end (delay 600)
+
+
+class Sink:
+    """DFF.SRC that keeps what it is given."""
+
+    def __init__(self):
+        self.points = []
+
+    def write_by_category_many(self, category, data):
+        self.points.extend((category, dict(p)) for p in data)
+        return 200, ''
+
+    def metrics(self):
+        return [p for c, p in self.points if c == 'metric']
+
+
+@pytest.fixture
+def sink():
+    out = Sink()
+    local_runtime.install(local_runtime.LocalDFF(output=out))
+    return out
+
+
+def put(aws, region, instance_id, metric, second, value, namespace='AWS/EC2'):
+    aws.client('cloudwatch', region).put_metric_data(Namespace=namespace, MetricData=[{
+        'MetricName': metric, 'Dimensions': [{'Name': 'InstanceId', 'Value': instance_id}],
+        'Timestamp': datetime.datetime.fromtimestamp(second, datetime.timezone.utc),
+        'Value': value}])
+
+
+def by_series(points):
+    """{(InstanceId, metric, bucket second): point}; one point per series and bucket."""
+    out = {}
+    for p in points:
+        metric = sorted(p['fields'])[0].rsplit('_', 1)[0]
+        key = (p['tags']['InstanceId'], metric, p['timestamp'] // 10**9)
+        assert key not in out, f'two points for {key}'
+        out[key] = p
+    return out
+
+
+# -- configuration: one line per mistake, before any AWS call ---------------------
+
+BAD = [
+    ({'regions': ['us-east-1'], 'period': 120}, "collector_configs['period'] must be 60 or 300"),
+    ({'regions': ['us-east-1'], 'statistics': ['Avg']},
+     "collector_configs['statistics'][0] 'Avg' is not a statistic; did you mean 'Average'?"),
+    ({'regions': ['us-east-1'], 'statistics': 'Average'}, "collector_configs['statistics'] must be a non-empty list"),
+    ({'regions': ['us-east-1'], 'targets': []}, "collector_configs['targets'] must be a non-empty list"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metric': ['CPU*']}]},
+     "collector_configs['targets'][0]['metric'] is not a known key; did you mean 'metrics'?"),
+    ({'regions': ['us-east-1'], 'targets': [{'metrics': ['CPU*']}]},
+     "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metrics': 'CPU*'}]},
+     "collector_configs['targets'][0]['metrics'] must be 'ALL' or a non-empty list"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metrics': ['NOT']}]},
+     "['NOT'] excludes nothing"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'dimensions': 'InstanceId'}]},
+     "collector_configs['targets'][0]['dimensions'] must be a list of dimension names"),
+    ({'regions': ['us-east-1'], 'delay': -5}, "collector_configs['delay'] must be a whole number from 0 to 3600"),
+    ({'regions': ['us-east-1'], 'concurrency': 0}, "collector_configs['concurrency'] must be a whole number from 1 to 16"),
+    ({'regions': ['us-east-1'], 'backfill': 99999}, "collector_configs['backfill'] must be a whole number from 300 to 10800"),
+    ({'regions': ['us-east-1'], 'retry_mode': 'fast'}, "collector_configs['retry_mode'] must be 'adaptive' or 'standard'"),
+    ({'regions': ['us-east-1'], 'periods': 60}, "collector_configs['periods'] is not a known key; did you mean 'period'?"),
+    ({'regions': ['us-east-2x']}, "collector_configs['regions'][0] 'us-east-2x' is not an AWS region"),
+    ({}, "collector_configs['regions'] is missing"),
+]
+
+
+@pytest.mark.parametrize('configs,expected', BAD, ids=[e for _, e in BAD])
+def test_a_bad_option_is_one_clear_line(configs, expected):
+    with pytest.raises(core.ConfigError) as info:
+        cw.DataCollector({'ak_id': 'AKIAEXAMPLEEXAMPLE01', 'ak_secret': 'x' * 40}, configs)
+    assert expected in str(info.value) and '\n' not in str(info.value)
+
+
+def test_metric_patterns_not_and_narrowing_targets():
+    configs = cw.validate_configs({'regions': ['us-east-1'], 'targets': [
+        {'namespace': 'AWS/EC2', 'metrics': ['CPU*', '*Packets*']},
+        {'namespace': 'AWS/EC2', 'metrics': ['NOT', 'CPUCredit*', 'NetworkPacketsOut']}]})
+    targets = configs['targets']
+    names = ['CPUUtilization', 'CPUCreditUsage', 'NetworkPacketsIn', 'NetworkPacketsOut', 'NetworkIn']
+    dims = (('InstanceId', 'i-1'),)
+    kept = [n for n in names if all(cw._matches(t, n, dims) for t in targets)]
+    assert kept == ['CPUUtilization', 'NetworkPacketsIn']
+    # The default dimension set is exact: a series with one more dimension is not one instance's.
+    assert not cw._matches(targets[0], 'CPUUtilization', (('ImageId', 'ami-1'), ('InstanceId', 'i-1')))
+    everything = cw.validate_configs({'regions': ['us-east-1'], 'targets': [
+        {'namespace': 'AWS/EC2', 'metrics': 'ALL', 'dimensions': 'ALL'}]})['targets'][0]
+    assert cw._matches(everything, 'AnyMetric', (('AutoScalingGroupName', 'asg'),))
+    defaults = cw.validate_configs({'regions': ['us-east-1']})
+    assert defaults['delay'] == 600 and defaults['statistics'] == list(cw.STATISTICS)
+    assert cw.validate_configs({'regions': ['us-east-1'], 'period': 60})['delay'] == 180
+
+
+# -- values on moto, every auth method -------------------------------------------
+
+@pytest.fixture
+def estate(aws):
+    """Two instances in us-east-1 with CPU data in the four buckets before END,
+    and NetworkIn only in one of them: a statistic without data is absent."""
+    ids = aws.run_instances('us-east-1', 2, name=unique('cw'))
+    for n, instance_id in enumerate(ids):
+        for back in range(1, 5):
+            bucket = END - back * PERIOD
+            put(aws, 'us-east-1', instance_id, 'CPUUtilization', bucket + 10, 10.0 * (n + 1) + back)
+            put(aws, 'us-east-1', instance_id, 'CPUUtilization', bucket + 70, 20.0 * (n + 1) + back)
+    put(aws, 'us-east-1', ids[0], 'NetworkIn', END - PERIOD + 5, 1234.0)
+    return ids
+
+
+def accounts(aws, user):
+    """The four methods of the user's page (MFA with a role), as account dicts."""
+    role = aws.make_role(unique('reader'), user['arn'], 'aws', external_id='ext-123456')
+    serial = aws.make_mfa_device(user['arn'].split('/')[-1], 'aws')
+    return {
+        'keys': account_of(user),
+        'role': account_of(user, assume_role_arn=role, external_id='ext-123456'),
+        'mfa_role': account_of(user, assume_role_arn=role, external_id='ext-123456',
+                               serial_number=serial, token_code='123456'),
+        'instance_role': {'extra_tags': {'account_name': 'role for ec2'}},
+    }
+
+
+@pytest.mark.parametrize('method', ['keys', 'role', 'mfa_role', 'instance_role'])
+def test_every_auth_method_collects_the_buckets_with_their_values(aws, user, estate, sink,
+                                                                   monkeypatch, method):
+    account = accounts(aws, user)[method]
+    imds = None
+    if method == 'instance_role':
+        instance_role = aws.make_role(unique('instance'), user['arn'], 'aws')
+        imds = ImdsServer(aws.assume(instance_role, user, 'us-east-1')).start()
+        monkeypatch.setenv('AWS_EC2_METADATA_SERVICE_ENDPOINT', imds.url)
+    try:
+        collector = cw.DataCollector(account, {'regions': ['us-east-1']}, now=lambda: NOW)
+        core.Runner(collector, force=True).run()
+    finally:
+        if imds:
+            imds.stop()
+    points = by_series(p for p in sink.metrics() if p['tags']['InstanceId'] in estate)
+    # The first run reads the last closed bucket and re-reads two before it.
+    assert sorted({t for _, _, t in points}) == [END - 3 * PERIOD, END - 2 * PERIOD, END - PERIOD]
+    first = points[(estate[0], 'CPUUtilization', END - PERIOD)]
+    assert first['measurement'] == 'aws_AWS/EC2'
+    assert first['fields'] == {'CPUUtilization_Average': 16.0, 'CPUUtilization_Maximum': 21.0,
+                               'CPUUtilization_Minimum': 11.0, 'CPUUtilization_SampleCount': 2.0,
+                               'CPUUtilization_Sum': 32.0}
+    assert points[(estate[1], 'CPUUtilization', END - 3 * PERIOD)]['fields']['CPUUtilization_Sum'] == 66.0
+    assert first['timestamp'] == (END - PERIOD) * 10**9
+    assert first['tags']['RegionId'] == 'us-east-1' and first['tags']['cloud_provider'] == 'AWS'
+    assert points[(estate[0], 'NetworkIn', END - PERIOD)]['fields']['NetworkIn_Sum'] == 1234.0
+    # NetworkIn has data in one bucket only: the others are not written, not zero.
+    assert [t for i, m, t in points if m == 'NetworkIn'] == [END - PERIOD]
+    assert all(isinstance(v, float) and not math.isnan(v) for p in points.values()
+               for v in p['fields'].values())
+    if method == 'instance_role':
+        assert first['tags']['account_name'] == 'role for ec2'
+
+
+# -- across runs: late data, a bucket boundary, missed runs ------------------------
+
+def run_at(account, now, configs=None, **kwargs):
+    collector = cw.DataCollector(account, dict({'regions': ['us-east-1']}, **(configs or {})),
+                                 now=lambda: now)
+    summary = core.Runner(collector, force=True, **kwargs).run()
+    return summary['collectors'][0]['regions'][0]
+
+
+def test_each_bucket_is_written_once_and_late_data_is_caught(aws, user, estate, sink):
+    account = account_of(user)
+    first = run_at(account, NOW)
+    assert first['calls'] == {'ListMetrics': 1, 'GetMetricData': 1}
+    written_first = by_series(p for p in sink.metrics() if p['tags']['InstanceId'] in estate)
+    # After the first run: a late datapoint for a bucket it found empty, and
+    # the next bucket (it closes during the next 5 minutes).
+    put(aws, 'us-east-1', estate[0], 'NetworkIn', END - 2 * PERIOD + 5, 99.0)
+    for instance_id in estate:
+        put(aws, 'us-east-1', instance_id, 'CPUUtilization', END + 5, 50.0)
+    sink.points.clear()
+    same_bucket = run_at(account, NOW + 120)            # no new bucket closed: no call
+    assert same_bucket['calls'] == {} and same_bucket['points'] == 0
+    assert 'no new bucket has closed since the last run' in same_bucket['summary']
+    second = run_at(account, NOW + PERIOD)
+    assert second['calls'] == {'GetMetricData': 1}, 'ListMetrics is cached'
+    written_second = by_series(p for p in sink.metrics() if p['tags']['InstanceId'] in estate)
+    assert set(written_second) == {(estate[0], 'NetworkIn', END - 2 * PERIOD),
+                                   (estate[0], 'CPUUtilization', END),
+                                   (estate[1], 'CPUUtilization', END)}
+    assert not set(written_first) & set(written_second), 'a bucket written twice'
+    assert written_second[(estate[0], 'NetworkIn', END - 2 * PERIOD)]['fields']['NetworkIn_Sum'] == 99.0
+
+
+def test_no_gap_after_missed_runs_up_to_the_backfill(aws, user, estate, sink):
+    account = account_of(user)
+    put(aws, 'us-east-1', estate[1], 'DiskReadOps', END - 5 * PERIOD, 1.0)   # an older bucket
+    run_at(account, NOW)
+    missed = 10                                          # ten buckets without a run
+    for back in range(missed + 1):
+        put(aws, 'us-east-1', estate[1], 'DiskReadOps', END + back * PERIOD + 1, float(back))
+    sink.points.clear()
+    run_at(account, NOW + (missed + 1) * PERIOD)
+    disk = sorted(t for i, m, t in by_series(sink.metrics()) if m == 'DiskReadOps' and i == estate[1])
+    assert disk == [END + back * PERIOD for back in range(missed + 1)]
+
+
+def test_a_bucket_is_not_written_again_when_the_record_is_lost_only_within_the_reread(aws, user,
+                                                                                     estate, sink):
+    """The record of written buckets is what makes a re-read harmless: with it,
+    re-running the same window writes nothing; without it (a new cache), the
+    window is written again, which is why the record is kept in DFF.CACHE."""
+    account = account_of(user)
+    run_at(account, NOW)
+    count = len(sink.metrics())
+    assert count and run_at(account, NOW)['points'] == 0
+
+
+# -- limits, pages and throttling on the fake CloudWatch ---------------------------
+
+@pytest.fixture
+def fake(monkeypatch):
+    estate = ec2_estate(instances=300, metrics=14, region='us-east-1')
+    server = FakeCloudWatch(estate, page_datapoints=700, throttle_every=7,
+                            clock=lambda: NOW).start()
+    monkeypatch.setenv('AWS_ENDPOINT_URL_CLOUDWATCH', server.url)
+    yield server
+    server.stop()
+
+
+def test_500_queries_a_call_every_page_followed_throttling_absorbed(aws, user, fake, sink):
+    region = run_at(account_of(user), NOW, configs={'concurrency': 3})
+    fake.assert_clean()                                  # no 501-query call, no page dropped
+    gmd = [c for c in fake.calls if c['operation'] == 'GetMetricData' and c['status'] == 200]
+    assert max(c['queries'] for c in gmd) <= 500
+    series = fake.series('us-east-1')
+    assert region['series'] == len(series) == 300 * 14
+    queries = len(series) * 5
+    first_pages = [c for c in gmd if not c['next_token_in']]
+    assert len(first_pages) == math.ceil(queries / 500)
+    assert any(c['next_token_in'] for c in gmd), 'the test needs continuation pages'
+    assert fake.throttled > 0
+    # Every bucket of every series, once, with the fake's values.
+    points = by_series(sink.metrics())
+    buckets = [END - 3 * PERIOD, END - 2 * PERIOD, END - PERIOD]
+    assert len(points) == len(series) * len(buckets)
+    for s in series[::97]:
+        for bucket in buckets:
+            fields = points[(s['dimensions']['InstanceId'], s['metric'], bucket)]['fields']
+            for stat in cw.STATISTICS:
+                assert fields[f"{s['metric']}_{stat}"] == expected_value(s, stat, bucket, PERIOD)
+    assert region['api_calls'] == len(fake.calls) - len([c for c in fake.calls
+                                                         if c['operation'] == 'GetCallerIdentity'])
+
+
+def test_all_statistics_of_a_series_share_a_call(aws, user, fake, sink):
+    run_at(account_of(user), NOW, configs={'statistics': ['Average', 'Maximum', 'Sum']})
+    fake.assert_clean()
+    gmd = [c for c in fake.calls if c['operation'] == 'GetMetricData' and not c['next_token_in']
+           and c['status'] == 200]
+    assert all(c['queries'] % 3 == 0 and c['queries'] <= 500 for c in gmd)
+
+
+# -- the line protocol through a real InfluxDB -------------------------------------
+
+def test_metric_points_round_trip_through_influxdb(aws, user, estate, sink, influx):
+    run_at(account_of(user), NOW)
+    points = [p for p in sink.metrics() if p['tags']['InstanceId'] in estate]
+    status, error = influx.write('\n'.join(core.to_line_protocol(p) for p in points))
+    assert status == 204, error
+    rows = influx.rows('aws_AWS/EC2')
+    mine = [r for r in rows if r['InstanceId'] in estate]
+    # Two series of one instance and bucket (CPU, NetworkIn) share tags and
+    # time: InfluxDB, like DataKit, keeps one row with both fields.
+    assert len(mine) == len({(p['tags']['InstanceId'], p['timestamp']) for p in points})
+    assert sum(1 for r in mine for k, v in r.items() if k.endswith('_Sum') and v is not None) == len(points)
+    row = next(r for r in mine if r['InstanceId'] == estate[0] and r['time'] == (END - PERIOD) * 10**9
+               and r.get('CPUUtilization_Average') is not None)
+    assert row['CPUUtilization_Average'] == 16.0 and row['RegionId'] == 'us-east-1'
+
+
+# -- linkage to the EC2 objects ----------------------------------------------------
+
+def test_metrics_carry_their_instances_tags_also_when_ec2_skips(aws, user, estate, sink, caplog):
+    caplog.set_level('INFO', logger='integration')
+    account = account_of(user, extra_tags={'team': 'web'})
+
+    def runner(now):
+        return core.Runner([ec2.DataCollector(account, {'regions': ['us-east-1']}),
+                            cw.DataCollector(account, {'regions': ['us-east-1']}, now=lambda: now)],
+                           clock=lambda: now)
+    runner(NOW).run()
+    first = [p for p in sink.metrics() if p['tags']['InstanceId'] == estate[0]]
+    instance = next(p for c, p in sink.points if c == 'custom_object' and p['tags']['name'] == estate[0])
+    expected = {k: v for k, v in instance['tags'].items() if k != 'name'}
+    assert first and all(p['tags'] == {**expected, **{'InstanceId': estate[0]}} for p in first)
+    assert 'name' not in first[0]['tags'] and first[0]['tags']['InstanceName'].startswith('cw-')
+    # Five minutes later EC2 skips (fresh for 15 minutes); the metrics still link.
+    for instance_id in estate:
+        put(aws, 'us-east-1', instance_id, 'CPUUtilization', END + 5, 50.0)
+    sink.points.clear()
+    summary = runner(NOW + PERIOD).run()
+    assert summary['collectors'][0]['status'] == 'skipped'
+    later = [p for p in sink.metrics() if p['tags']['InstanceId'] == estate[0]]
+    assert later and all(p['tags']['InstanceName'] == expected['InstanceName'] for p in later)
+    assert 'comes before' not in caplog.text
+
+
+def test_a_metric_collector_before_an_object_collector_is_warned_once(aws, user, sink, caplog):
+    caplog.set_level('INFO', logger='integration')
+    account = account_of(user)
+    core.Runner([cw.DataCollector(account, {'regions': ['us-east-1']}, now=lambda: NOW),
+                 ec2.DataCollector(account, {'regions': ['us-east-1']})]).run()
+    warnings = [r.getMessage() for r in caplog.records if 'comes before' in r.getMessage()]
+    assert warnings == ['[Runner] collector #1 (AWS CloudWatch) comes before #2 (AWS EC2): metrics '
+                        'can take object tags only from collectors before them; put metric '
+                        'collectors last']
+
+
+# -- check ---------------------------------------------------------------------------
+
+def test_check_probes_the_cloudwatch_permissions(aws, user):
+    allowed = cw.DataCollector(account_of(user), {'regions': ['us-east-1']}).check()
+    assert allowed[0]['ok'] and 'cloudwatch:ListMetrics and cloudwatch:GetMetricData allowed' \
+        in allowed[0]['reason']
+    ec2_only = aws.make_user(unique('ec2only'), 'aws', policy={
+        'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Action': [
+            'ec2:Describe*', 'sts:GetCallerIdentity'], 'Resource': '*'}]})
+    denied = cw.DataCollector(account_of(ec2_only), {'regions': ['us-east-1']}).check()
+    assert not denied[0]['ok'] and 'AccessDenied' in denied[0]['reason']
