@@ -269,6 +269,7 @@ SCRIPTS = [
     ('2. IAM user assumes a role (STS)', '2_assume_role.py'),
     ('3. MFA + role', '3_mfa.py'),
     ('4. EC2 instance role', '4_instance_role.py'),
+    ('5. EC2 and its CloudWatch metrics', '5_ec2_with_metrics.py'),
 ]
 
 
@@ -277,7 +278,8 @@ def build_demo_estate(emulator):
     China regions (the seed page's own region), then enforcement on."""
     admin = emulator.admin('aws-cn')
     for region, count in DEMO_REGIONS.items():
-        emulator.run_instances(region, count, name=f'web-{region}', tags={'env': 'demo'})
+        ids = emulator.run_instances(region, count, name=f'web-{region}', tags={'env': 'demo'})
+        put_demo_metrics(emulator, region, ids)
     user = emulator.make_user('collector', 'aws-cn', policy=USER_POLICY)
     role = emulator.make_role('ec2-reader', user['arn'], 'aws-cn', external_id='demo-external-id')
     serial = emulator.make_mfa_device('collector', 'aws-cn')
@@ -290,6 +292,30 @@ def build_demo_estate(emulator):
         '<AWS ROLE SESSION NAME>': 'Integration', '<MFA DEVICE NUMBER>': serial,
         '<MFA TOTP>': '123456', 'admin': admin, 'instance_creds': instance_creds,
     }
+
+
+def put_demo_metrics(emulator, region, instance_ids, now=None):
+    """moto makes no EC2 metrics: an hour of CPUUtilization and NetworkIn,
+    one datapoint a minute, for each instance."""
+    import datetime
+    from botocore.config import Config
+    creds = emulator.admin(partition_of(region))
+    # botocore gzips large PutMetricData bodies; moto then fails their signature.
+    cloudwatch = boto3.client('cloudwatch', endpoint_url=emulator.url, region_name=region,
+                              aws_access_key_id=creds['ak_id'], aws_secret_access_key=creds['ak_secret'],
+                              config=Config(disable_request_compression=True))
+    now = int(now or time.time()) // 60 * 60
+    for number, instance_id in enumerate(instance_ids):
+        dimensions = [{'Name': 'InstanceId', 'Value': instance_id}]
+        data = []
+        for minute in range(60):
+            stamp = datetime.datetime.fromtimestamp(now - 60 * (minute + 1), datetime.timezone.utc)
+            data.append({'MetricName': 'CPUUtilization', 'Dimensions': dimensions, 'Timestamp': stamp,
+                         'Value': 5.0 + number + (minute % 7)})
+            data.append({'MetricName': 'NetworkIn', 'Dimensions': dimensions, 'Timestamp': stamp,
+                         'Value': 1000.0 * (number + 1) + minute})
+        for start in range(0, len(data), 500):
+            cloudwatch.put_metric_data(Namespace='AWS/EC2', MetricData=data[start:start + 500])
 
 
 def fill_placeholders(text, values):

@@ -37,11 +37,9 @@ import gc
 import json
 import logging
 import queue
-import re
 import threading
 import time
 
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -74,13 +72,10 @@ MEASUREMENT = 'aws_ec2'
 CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempts')
 DEFAULTS = {'page_size': 1000}
 # Used when neither collector_configs nor the user's SDK settings give them.
-RETRY_DEFAULTS = {'retry_mode': 'adaptive', 'max_attempts': 8}
 MAX_CONCURRENCY = 32
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
-_LINE_BREAK = re.compile(r'\r\n|[\r\n]')
-TAG_VALUE_MAX_BYTES = 1024
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
 # Extra hints for the region errors users meet most.
@@ -229,18 +224,7 @@ class DataCollector:
     # -- collection ----------------------------------------------------------
 
     def _client_config(self):
-        """Retries: collector_configs' retry_mode / max_attempts first, then the
-        user's SDK settings (left for botocore to read), then RETRY_DEFAULTS.
-        max_attempts counts attempts, the first included: botocore's
-        total_max_attempts (its Config's own 'max_attempts' counts retries)."""
-        retries = {}
-        for key, option in (('retry_mode', 'mode'), ('max_attempts', 'total_max_attempts')):
-            if key in self.configs:
-                retries[option] = self.configs[key]
-            elif not auth.sdk_setting_given(key):
-                retries[option] = RETRY_DEFAULTS[key]
-        return Config(retries=retries,
-                      connect_timeout=10, read_timeout=60, user_agent_extra='integration_aws_ec2')
+        return auth.client_config(self.configs, 'integration_aws_ec2')
 
     def _fetch_region(self, client, result, run):
         """Worker: one region's pages, in order, onto the queue."""
@@ -299,28 +283,8 @@ class DataCollector:
                     yield point
 
     def _apply_hooks(self, point, result):
-        """Users' filters and after_collect: a failure names the hook and the
-        instance, is counted against the region, and the instance is left out."""
-        instance_id = point['tags']['name']
-        hook = None
-        try:
-            if self.filters:
-                merged = {**point['tags'], **point['fields']}
-                for index, check in enumerate(self.filters):
-                    hook = f'filters[{index}] ({core.callable_name(check)})'
-                    if not check(merged):
-                        return None
-            if self.after_collect is not None:
-                hook = f'after_collect ({core.callable_name(self.after_collect)})'
-                point = self.after_collect(point)
-        except Exception as e:
-            message = f'{hook} raised {type(e).__name__}: {e} on instance {instance_id}'
-            result['hook_errors'] += 1
-            if not result['error']:
-                result['error'] = message
-            LOG.error('[%s] %s', result['region'], message)
-            return None
-        return point
+        return core.apply_hooks(point, self.filters, self.after_collect, result,
+                                f"instance {point['tags']['name']}")
 
 
 # --------------------------------------------------------------------------
@@ -345,7 +309,7 @@ def instance_to_point(instance, region, extra_tags, timestamp):
         'cloud_provider': 'AWS',
     }
     tags.update(extra_tags)
-    tags = {k: v for k, v in ((k, tag_value(v)) for k, v in tags.items()) if v}
+    tags = core.clean_tags(tags)
     launch_time = instance.get('LaunchTime')
     fields = {
         'BlockDeviceMappings': to_json(instance.get('BlockDeviceMappings') or []),
@@ -358,20 +322,6 @@ def instance_to_point(instance, region, extra_tags, timestamp):
     return {'measurement': MEASUREMENT, 'tags': tags,
             'fields': {k: v for k, v in fields.items() if v is not None},
             'timestamp': timestamp}
-
-
-def tag_value(value):
-    """The user's text as a tag value, changed only where line protocol cannot
-    carry it: a line break becomes a space (it would end the line) and the
-    value is cut at 1024 bytes (DataKit's limit). Tabs, runs of spaces and
-    leading or trailing blanks are kept; None or '' means "omit the tag"."""
-    if value is None:
-        return None
-    text = _LINE_BREAK.sub(' ', str(value))
-    encoded = text.encode('utf-8')
-    if len(encoded) > TAG_VALUE_MAX_BYTES:
-        text = encoded[:TAG_VALUE_MAX_BYTES].decode('utf-8', 'ignore')
-    return text
 
 
 def to_json(value):
@@ -414,13 +364,9 @@ def validate_configs(configs):
     out.update(configs)
     out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")
     core.check_int(out, 'page_size', 5, 1000, where)
-    if 'max_attempts' in out:
-        core.check_int(out, 'max_attempts', 1, 20, where)
+    auth.check_retry_options(out, where)
     if out.get('concurrency') is not None:
         core.check_int(out, 'concurrency', 1, MAX_CONCURRENCY, where)
-    if 'retry_mode' in out and out['retry_mode'] not in ('adaptive', 'standard'):
-        raise core.ConfigError(f"{where}['retry_mode'] must be 'adaptive' or 'standard' "
-                               f"(got {out['retry_mode']!r})")
     return out
 
 

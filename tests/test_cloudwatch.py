@@ -348,3 +348,41 @@ def test_check_probes_the_cloudwatch_permissions(aws, user):
             'ec2:Describe*', 'sts:GetCallerIdentity'], 'Resource': '*'}]})
     denied = cw.DataCollector(account_of(ec2_only), {'regions': ['us-east-1']}).check()
     assert not denied[0]['ok'] and 'AccessDenied' in denied[0]['reason']
+
+
+# -- the startup script ----------------------------------------------------------
+
+def cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, '-m', 'integration_core__runner', *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_the_combined_script_runs_and_check_covers_its_permissions(aws, seed_estate, write_script):
+    from demo_emulator import put_demo_metrics
+    put_demo_metrics(aws, 'cn-northwest-1', seed_estate['ids'])
+    path = write_script('5_ec2_with_metrics.py', seed_estate)
+    receiver = DataKitReceiver()
+    try:
+        result = cli('run', path, '--datakit', receiver.url)
+        lines = receiver.lines
+    finally:
+        receiver.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = [line for line in lines if line.startswith('aws_AWS/EC2,')]
+    objects = [line for line in lines if line.startswith('aws_ec2,')]
+    assert {i for i in seed_estate['ids'] if any(f'name={i}' in line for line in objects)} == set(seed_estate['ids'])
+    for instance_id in seed_estate['ids']:
+        mine = [line for line in metrics if f'InstanceId={instance_id}' in line]
+        assert mine and all('InstanceName=seed-' in line and 'CPUUtilization_Average=' in line
+                            or 'NetworkIn_Average=' in line for line in mine)
+    assert '[#2 AWS CloudWatch] cn-northwest-1:' in result.stdout
+    checked = cli('check', path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert 'ec2:DescribeInstances allowed' in checked.stdout
+    assert 'cloudwatch:ListMetrics and cloudwatch:GetMetricData allowed' in checked.stdout
+    with open(os.path.join(ROOT, 'scripts', '5_ec2_with_metrics.py')) as f:
+        text = f.read()
+    assert "fixed_crontab='*/5 * * * *'" in text and text.index('aws_ec2.DataCollector') < text.index(
+        'aws_cloudwatch.DataCollector')

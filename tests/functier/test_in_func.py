@@ -514,3 +514,53 @@ def test_no_secret_in_dff_cache(modules, seed_estate, aws, datakit):
               for number, r in enumerate(results, 1) if _found(secrets, r.worker_stdout)]
     assert not leaks, ('secrets in DFF.CACHE values (Func\'s Redis, readable by every script) '
                        'or in the worker\'s stdout:\n' + '\n'.join(leaks))
+
+
+# --------------------------------------------------------------------------
+# EC2 with its CloudWatch metrics (scripts/5_ec2_with_metrics.py)
+# --------------------------------------------------------------------------
+
+def every_minute(delay):
+    """Period 60, the window ending `delay` seconds before now: two tasks a
+    few seconds apart can then read different buckets."""
+    def edit(text):
+        old = "    'targets': [{'namespace': 'AWS/EC2', 'metrics': 'ALL'}],\n"
+        assert old in text
+        return text.replace(old, old + f"    'period': 60, 'delay': {delay},\n")
+    return edit
+
+
+def metric_points(lines):
+    return [(lp_tags(line)[1], line) for line in lines if line.startswith('aws_AWS/EC2,')]
+
+
+def test_combined_script_links_metrics_to_objects_across_two_tasks(modules, seed_estate, aws, datakit):
+    from demo_emulator import put_demo_metrics
+    put_demo_metrics(aws, REGION, seed_estate['ids'])         # an hour, a datapoint a minute
+    point_worker_at(modules, aws)
+    script_id = 'my_aws__ec2_with_metrics'
+    publish_startup(modules, '5_ec2_with_metrics.py', seed_estate, every_minute(300), script_id=script_id)
+
+    first = modules.run(f'{script_id}.run')
+
+    assert_success(first)
+    seen = len(datakit.lines)
+    objects = [lp_tags(line)[1] for line in datakit.lines if line.startswith('aws_ec2,')]
+    names = {tags['name']: tags['InstanceName'] for tags in objects if tags['name'] in seed_estate['ids']}
+    assert set(names) == set(seed_estate['ids'])
+    linked = [tags for tags, _ in metric_points(datakit.lines) if tags['InstanceId'] in names]
+    assert linked and all(tags['InstanceName'] == names[tags['InstanceId']] for tags in linked)
+    assert all('name' not in tags for tags in linked)
+    assert line_matching(first.messages, r'AWS CloudWatch', re.escape(REGION), r'series')
+
+    # Minutes later in the user's world: EC2 is fresh and skips; the metrics
+    # still take the instances' tags, from the map the first task kept.
+    publish_startup(modules, '5_ec2_with_metrics.py', seed_estate, every_minute(120), script_id=script_id)
+    second = modules.run(f'{script_id}.run')
+
+    assert_success(second)
+    assert line_matching(second.messages, r'AWS EC2', r'skipped')
+    later = datakit.lines[seen:]
+    assert not [line for line in later if line.startswith('aws_ec2,')]
+    linked_later = [tags for tags, _ in metric_points(later) if tags['InstanceId'] in names]
+    assert linked_later and all(tags['InstanceName'] == names[tags['InstanceId']] for tags in linked_later)
