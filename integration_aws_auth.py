@@ -38,11 +38,13 @@ Caching
     per run, which replaces a kept session AWS refuses): in DFF.CACHE inside
     Func, otherwise in files of mode 0600 under $INTEGRATION_STATE_DIR or
     ~/.cache/dataflux-integration, named by a hash. Stored: temporary
-    credentials, their expiry and identity, keyed hashes of the MFA codes sent
-    (per device) and each role's session length; never ak_secret. Sessions are
-    filed under keys bound to the base credentials (ak_id and an HMAC of
-    ak_secret, or the default chain's key and an HMAC of its secret). Entries of
-    an unexpected shape count as absent.
+    credentials (sealed: encrypted and authenticated with keys derived from
+    the base credentials' secret), the session's identity, keyed hashes of
+    the MFA codes sent (per device) and each role's session length; never
+    ak_secret. Sessions are filed under keys bound to the base credentials
+    (ak_id and an HMAC of ak_secret, or the default chain's key and an HMAC of
+    its secret). Entries of an unexpected shape, and sealed ones that do not
+    open with the caller's secret, count as absent.
 
 Environment honoured (through botocore; we never pass an explicit endpoint)
     AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_STS, HTTPS_PROXY, AWS_CA_BUNDLE,
@@ -53,6 +55,7 @@ IAM permissions
     sts:GetCallerIdentity (always allowed by AWS); sts:AssumeRole on the role for
     the role methods; sts:GetSessionToken for MFA without a role.
 """
+import base64
 import datetime
 import difflib
 import hashlib
@@ -131,6 +134,18 @@ REFUSED_SESSION_CODES = ('ExpiredToken', 'ExpiredTokenException', 'InvalidClient
 # keys bound to the base credentials through an HMAC of their secret with a
 # constant of this purpose (never the secret itself).
 CACHE_KEY_HMAC = b'integration_aws_auth:cache-key-binding:v1'
+# A session record is sealed (encrypted, then authenticated) with keys derived
+# from the base credentials' secret, because DFF.CACHE is Func's shared Redis:
+# every script reads every scope, and a failed task replays its Redis commands
+# (values cut at 100 characters) on the worker's stdout. Only the standard
+# library is available in Func, so the cipher is HMAC-SHA256 in counter mode
+# (see _seal). Stored as SEALED_PREFIX + base64(nonce || ciphertext || tag).
+SEAL_ENCRYPTION_INFO = b'integration_aws_auth cache encryption v1'
+SEAL_MAC_INFO = b'integration_aws_auth cache mac v1'
+SEALED_PREFIX = 'v1:'
+SEAL_VERSION = b'\x01'
+SEAL_NONCE_BYTES = 16
+SEAL_TAG_BYTES = 16
 SESSION_KEY_PREFIX = 'integration_aws_auth:session:'
 CODES_KEY_PREFIX = 'integration_aws_auth:mfa-codes:'
 DURATION_KEY_PREFIX = 'integration_aws_auth:role-duration:'
@@ -555,7 +570,12 @@ class _TemporaryCredentialFetcher:
     its DFF.CACHE scope), so a session is filed under a key bound to the base
     credentials that obtained it: ak_id and a keyed hash of ak_secret, or the
     default chain's access key and a keyed hash of its secret. Whoever
-    presents other credentials finds nothing and asks STS, which judges.
+    presents other credentials finds nothing and asks STS, which judges. The
+    record itself is sealed with keys derived from that same secret (see
+    _seal): the cache never holds a temporary secret in the clear. For the
+    default chain the secret is the chain's own (the instance role's), which
+    AWS rotates: a rotation simply files the next session under a new key,
+    at the cost of one AssumeRole.
 
     MFA: a code is sent at most once. The codes sent are kept per device
     (and base credentials), whatever the role, session name or duration."""
@@ -575,11 +595,13 @@ class _TemporaryCredentialFetcher:
             self.base_credentials = _require_default_chain(botocore_session)
             frozen = self.base_credentials.get_frozen_credentials()
             base = ('chain', frozen.access_key, _keyed_digest(frozen.secret_key))
+            self._seal_keys = _seal_keys(frozen.secret_key)
             # Credentials of a session (instance role, container, SSO ...):
             # assuming a role with them is role chaining, capped at 1 h by AWS.
             self.chained = bool(frozen.token)
         else:
             base = ('keys', account['ak_id'], _keyed_digest(account['ak_secret']))
+            self._seal_keys = _seal_keys(account['ak_secret'])
             self.chained = False
         role = account.get('assume_role_arn')
         self.cache_key = SESSION_KEY_PREFIX + _hash(
@@ -856,18 +878,23 @@ class _TemporaryCredentialFetcher:
         and its code were filed under a key of the account's settings alone.
         Its `used_code` is an HMAC keyed with ak_secret: when it matches, the
         caller holds the same secret and code, so the session may be adopted;
-        an expired one still marks the code as used."""
+        an expired one still marks the code as used. Either way the entry is
+        then removed: it held the session in the clear (for 30 days), and
+        what it said now lives in the sealed session and the codes record."""
         acc = self.account
-        old = _read_json(self.cache, 'integration_aws_auth:' + _hash(
+        old_key = 'integration_aws_auth:' + _hash(
             self.method, acc.get('ak_id'), acc.get('assume_role_arn'), acc.get('external_id'),
-            self.session_name, acc.get('serial_number'), acc.get('duration_seconds'), self.partition))
+            self.session_name, acc.get('serial_number'), acc.get('duration_seconds'), self.partition)
+        old = _read_json(self.cache, old_key)
         if not isinstance(old, dict) or old.get('used_code') != self._code_digest():
             return None
         session = {k: old[k] for k in SESSION_FIELDS if k in old}
         if not _valid_session(session):
             self._remember_code(None)
+            self.cache.delete(old_key)
             return None
         self._remember_code(session['expiry_time'])
+        self.cache.delete(old_key)
         if _parse_time(session['expiry_time']) - now <= self.margins(session)[0]:
             return None
         self._store(session)
@@ -877,11 +904,20 @@ class _TemporaryCredentialFetcher:
     # -- the session record -------------------------------------------------------
 
     def _load(self):
-        return _read_record(self.cache, self.cache_key, _valid_session, 'temporary credentials')
+        """The cached session, opened with the base secret's keys. A plain
+        entry (written before sessions were sealed) is read once and sealed in
+        place: an upgrade costs no running session, and no MFA code."""
+        value, sealed = _read_sealed(self.cache, self.cache_key, self._seal_keys,
+                                     'temporary credentials')
+        record = _checked_record(self.cache, self.cache_key, value, _valid_session,
+                                 'temporary credentials')
+        if record is not None and not sealed:
+            self._store(record)
+        return record
 
     def _store(self, record):
         expire = max(60, int((_parse_time(record['expiry_time']) - self.clock()).total_seconds()))
-        self.cache.set(self.cache_key, json.dumps(record), expire=expire)
+        self.cache.set(self.cache_key, _seal(self._seal_keys, json.dumps(record)), expire=expire)
 
 
 def _code_refused(error):
@@ -1128,7 +1164,45 @@ def _read_record(cache, key, valid, what):
     """The cache entry `key` when `valid(entry)`; an entry of another shape
     (another version's, damaged, planted) counts as absent: it is logged once
     (naming what it should have been, never its content) and removed."""
-    record = _read_json(cache, key)
+    return _checked_record(cache, key, _read_json(cache, key), valid, what)
+
+
+def _read_sealed(cache, key, keys, what):
+    """(JSON value, sealed) of the sealed cache entry `key`; (None, True)
+    when absent. An entry that does not open with `keys` (sealed with another
+    base secret, altered, cut short, or of another version) counts as absent:
+    logged once, without its content, and removed. A plain entry is the layout
+    before sealing: (its value, False), for the caller to seal."""
+    try:
+        raw = cache.get(key)
+    except (OSError, TypeError) as e:
+        LOG.warning('[AWS auth] ignoring an unreadable cache entry: %s', type(e).__name__)
+        return None, True
+    if not raw:
+        return None, True
+    if not raw.startswith(SEALED_PREFIX):
+        try:
+            return json.loads(raw), False
+        except ValueError as e:
+            LOG.warning('[AWS auth] ignoring an unreadable cache entry: %s', type(e).__name__)
+            return None, True
+    text = _unseal(keys, raw)
+    if text is not None:
+        try:
+            return json.loads(text), True
+        except ValueError:
+            pass
+    LOG.warning('[AWS auth] ignoring a sealed cache entry (%s) that does not open with these '
+                'credentials (altered, or sealed with another secret): it counts as absent', what)
+    try:
+        cache.delete(key)
+    except (OSError, AttributeError) as e:
+        LOG.debug('[AWS auth] could not remove it: %s', type(e).__name__)
+    return None, True
+
+
+def _checked_record(cache, key, record, valid, what):
+    """`record` (read from `key`) when `valid(record)`; else None, as _read_record says."""
     if record is None:
         return None
     try:
@@ -1190,6 +1264,56 @@ def _remember_identity(cache, access_key, identity, left):
     seconds = int(left.total_seconds())
     if seconds > 60:
         cache.set(IDENTITY_KEY_PREFIX + _hash(access_key), json.dumps(identity), expire=seconds)
+
+
+def _seal_keys(base_secret):
+    """(encryption key, MAC key) for sealing session records, derived from
+    the base credentials' secret: only its holder opens, or forges, a record."""
+    secret = base_secret.encode()
+    return (hmac.new(secret, SEAL_ENCRYPTION_INFO, hashlib.sha256).digest(),
+            hmac.new(secret, SEAL_MAC_INFO, hashlib.sha256).digest())
+
+
+def _seal(keys, text):
+    """Encrypt then authenticate `text`: a random nonce; keystream block i =
+    HMAC-SHA256(enc_key, nonce || i as 8 bytes big-endian); ciphertext =
+    text XOR keystream; tag = HMAC-SHA256(mac_key, version || nonce ||
+    ciphertext), first 16 bytes. Returns 'v1:' + base64(nonce || ciphertext || tag)."""
+    enc_key, mac_key = keys
+    nonce = os.urandom(SEAL_NONCE_BYTES)
+    body = _keystream_xor(enc_key, nonce, text.encode('utf-8'))
+    tag = hmac.new(mac_key, SEAL_VERSION + nonce + body, hashlib.sha256).digest()[:SEAL_TAG_BYTES]
+    return SEALED_PREFIX + base64.b64encode(nonce + body + tag).decode('ascii')
+
+
+def _unseal(keys, value):
+    """The text _seal sealed with `keys`, or None when `value` does not open
+    with them (the tag is checked, in constant time, before decrypting)."""
+    enc_key, mac_key = keys
+    try:
+        blob = base64.b64decode(value[len(SEALED_PREFIX):].encode('ascii'), validate=True)
+    except ValueError:          # binascii.Error, or a character outside ASCII
+        return None
+    if len(blob) < SEAL_NONCE_BYTES + SEAL_TAG_BYTES:
+        return None
+    nonce, body, tag = blob[:SEAL_NONCE_BYTES], blob[SEAL_NONCE_BYTES:-SEAL_TAG_BYTES], blob[-SEAL_TAG_BYTES:]
+    expected = hmac.new(mac_key, SEAL_VERSION + nonce + body, hashlib.sha256).digest()[:SEAL_TAG_BYTES]
+    if not hmac.compare_digest(tag, expected):
+        return None
+    try:
+        return _keystream_xor(enc_key, nonce, body).decode('utf-8')
+    except UnicodeDecodeError:
+        return None
+
+
+def _keystream_xor(enc_key, nonce, data):
+    """`data` XOR the HMAC-SHA256 counter-mode keystream of (enc_key, nonce):
+    a 1.5 KB record takes 47 one-shot HMACs."""
+    blocks = (len(data) + 31) // 32
+    stream = b''.join(hmac.digest(enc_key, nonce + i.to_bytes(8, 'big'), 'sha256')
+                      for i in range(blocks))
+    size = len(data)
+    return (int.from_bytes(data, 'big') ^ int.from_bytes(stream[:size], 'big')).to_bytes(size, 'big')
 
 
 def _keyed_digest(secret):

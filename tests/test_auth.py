@@ -1,4 +1,5 @@
 """integration_aws_auth against a real moto server with IAM enforcement on."""
+import base64
 import datetime
 import hashlib
 import hmac
@@ -464,8 +465,11 @@ def test_inside_func_dff_cache_is_used(aws, user, monkeypatch, tmp_path):
     role = make_role(aws, user)
     identity(account_of(user, assume_role_arn=role))
     assert dff.CACHE.data, 'the role session must be kept in DFF.CACHE'
-    for value in dff.CACHE.data.values():
-        json.loads(value)
+    for key, value in dff.CACHE.data.items():
+        if key.startswith(auth.SESSION_KEY_PREFIX):
+            assert value.startswith('v1:')
+        else:
+            json.loads(value)
         assert user['ak_secret'] not in value
     assert not (tmp_path / 'state' / 'cache').exists()
 
@@ -475,6 +479,135 @@ def test_dff_injected_into_the_auth_script_is_used(aws, user, monkeypatch):
     monkeypatch.setattr(auth, 'DFF', dff, raising=False)
     identity(account_of(user, assume_role_arn=make_role(aws, user)))
     assert any(key.startswith('integration_aws_auth:') for key in dff.CACHE.data)
+
+
+def session_entries(dff):
+    return [key for key in dff.CACHE.data if key.startswith(auth.SESSION_KEY_PREFIX)]
+
+
+def session_key(dff):
+    (key,) = session_entries(dff)
+    return key
+
+
+def dff_texts(dff):
+    """Every key and value of a FuncCache, as someone reading Func's Redis sees them."""
+    return [(f'DFF.CACHE {key}', f'{key} {value}') for key, value in dff.CACHE.data.items()]
+
+
+def file_texts(tmp_path):
+    """Every cache file of the local runtime, name and content."""
+    return [(f'file {p.name}', p.name + ' ' + p.read_text()) for p in (tmp_path / 'state' / 'cache').iterdir()]
+
+
+def cache_leaks(texts, *secrets):
+    assert all(len(s) >= 16 for s in secrets), 'a secret too short to look for'
+    return [f'{where}: {secret[:4]}...' for where, text in texts for secret in secrets if secret in text]
+
+
+SEALED_METHODS = ['assume_role', 'mfa_assume_role', 'mfa_session', 'default_chain_assume_role']
+
+
+@pytest.mark.parametrize('store', ['DFF.CACHE', 'files'])
+@pytest.mark.parametrize('method', SEALED_METHODS)
+def test_cache_holds_no_temporary_credentials(aws, user, request, monkeypatch, tmp_path, method, store):
+    """DFF.CACHE is Func's shared Redis (every script reads every scope, and a
+    failed task replays its SET commands on the worker's stdout): a cached
+    session is sealed, and still reused by the next run."""
+    dff = FuncDFF()
+    if store == 'DFF.CACHE':
+        monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    base = []
+    if method == 'default_chain_assume_role':
+        server, base_role = request.getfixturevalue('imds')
+        account = {'assume_role_arn': chained_target(aws, base_role)}
+        base = [server.credentials['SecretAccessKey'], server.credentials['SessionToken']]
+    elif method == 'mfa_session':
+        account = mfa_account(aws, user)
+    elif method == 'mfa_assume_role':
+        account = mfa_account(aws, user, make_role(aws, user))
+    else:
+        account = account_of(user, assume_role_arn=make_role(aws, user))
+    assert auth.auth_method(account) == method
+    first = auth.get_session(account, region='us-east-1').get_credentials().get_frozen_credentials()
+    # moto's GetSessionToken credentials fail its own IAM enforcement (see
+    # test_mfa_without_role_uses_get_session_token_once).
+    aws.enforce(method != 'mfa_session')
+    try:
+        with aws.recording() as calls:
+            again = auth.get_session(account, region='us-east-1').get_credentials().get_frozen_credentials()
+    finally:
+        aws.enforce(True)
+    assert [c['action'] for c in sts_calls(calls)] == ['GetCallerIdentity'], 'the sealed session is reused'
+    assert again.access_key == first.access_key and first.token
+    texts = dff_texts(dff) if store == 'DFF.CACHE' else file_texts(tmp_path)
+    assert len(texts) >= 2, texts
+    leaks = cache_leaks(texts, first.access_key, first.secret_key, first.token, user['ak_secret'], *base)
+    assert not leaks, 'secrets readable in the cache:\n' + '\n'.join(leaks)
+
+
+def test_sealed_record_is_the_documented_format():
+    """'v1:' + base64(nonce || ciphertext || tag), with keys derived from the
+    base secret and an HMAC-SHA256 counter-mode keystream, as the README says:
+    checked here by an independent implementation."""
+    secret = 'wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY'
+    text = json.dumps({'secret_key': 'x' * 700, 'token': 'y' * 600})
+    sealed = auth._seal(auth._seal_keys(secret), text)
+    assert sealed.startswith('v1:') and 'x' * 8 not in sealed
+    blob = base64.b64decode(sealed[3:])
+    assert len(blob) == 16 + len(text) + 16
+    nonce, body, tag = blob[:16], blob[16:-16], blob[-16:]
+    enc_key = hmac.new(secret.encode(), b'integration_aws_auth cache encryption v1', hashlib.sha256).digest()
+    mac_key = hmac.new(secret.encode(), b'integration_aws_auth cache mac v1', hashlib.sha256).digest()
+    assert tag == hmac.new(mac_key, b'\x01' + nonce + body, hashlib.sha256).digest()[:16]
+    stream = b''.join(hmac.new(enc_key, nonce + i.to_bytes(8, 'big'), hashlib.sha256).digest()
+                      for i in range(len(body) // 32 + 1))
+    assert bytes(a ^ b for a, b in zip(body, stream)).decode() == text
+    assert auth._unseal(auth._seal_keys(secret), sealed) == text
+    assert auth._seal(auth._seal_keys(secret), text) != sealed, 'a fresh nonce each time'
+    assert auth._unseal(auth._seal_keys(secret[:-1] + 'X'), sealed) is None
+
+
+def flip(sealed, index):
+    blob = bytearray(base64.b64decode(sealed[3:]))
+    blob[index] ^= 0x01
+    return 'v1:' + base64.b64encode(bytes(blob)).decode()
+
+
+BAD_SEALS = {
+    'altered ciphertext': lambda value, reseal: flip(value, 40),
+    'altered tag': lambda value, reseal: flip(value, -1),
+    'altered nonce': lambda value, reseal: flip(value, 0),
+    'cut short': lambda value, reseal: value[:30],
+    'not base64': lambda value, reseal: 'v1:' + value[3:40] + '*' + value[41:],
+    'sealed with another secret': lambda value, reseal: reseal('AnotherSecretOf40CharactersXXXXXXXXXXXXX'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_SEALS), ids=list(BAD_SEALS))
+def test_session_entry_that_does_not_open_counts_as_absent(aws, user, monkeypatch, caplog, case):
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    account = account_of(user, assume_role_arn=make_role(aws, user))
+    session, _ = identity(account)
+    first = session.get_credentials().get_frozen_credentials()
+    key = session_key(dff)
+    value = dff.CACHE.data[key]
+    assert value.startswith('v1:'), 'the session is not sealed'
+    record = auth._unseal(auth._seal_keys(user['ak_secret']), value)
+    # Another secret: the very session, still valid, that only its sealer may use.
+    dff.CACHE.data[key] = BAD_SEALS[case](value, lambda other: auth._seal(auth._seal_keys(other), record))
+    with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
+        session, ident = identity(account)
+        ec2_call(session)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and 'does not open' in lines[0], lines
+    assert not cache_leaks([('warning', lines[0])], first.secret_key, first.token, user['ak_secret'])
+    assert [c['action'] for c in sts_calls(calls)] == ['AssumeRole', 'GetCallerIdentity']
+    assert sts_calls(calls)[0]['access_key'] == user['ak_id']
+    assert 'assumed-role' in ident['arn']
+    fresh = json.loads(auth._unseal(auth._seal_keys(user['ak_secret']), dff.CACHE.data[key]))
+    assert fresh['access_key'] != first.access_key
 
 
 def test_no_secret_in_logs_or_reprs_at_debug(aws, user, caplog):
@@ -776,16 +909,15 @@ def test_cache_entries_of_unexpected_shape_count_as_absent(aws, sts, user, monke
     assert [c['action'] for c in sts_calls(calls)] == ['GetCallerIdentity']
 
 
-def plant_unknown_session(dff):
-    """Replace the cached session's keys with keys AWS does not know."""
-    for key, value in dff.CACHE.data.items():
-        record = json.loads(value)
-        if isinstance(record, dict) and 'access_key' in record:
-            record.update(access_key='ASIAEXAMPLEUNKNOWN000', secret_key='unknown-secret-key',
-                          token='unknown-session-token')
-            dff.CACHE.data[key] = json.dumps(record)
-            return
-    raise AssertionError('no cached session')
+def plant_unknown_session(dff, base_secret):
+    """Replace the cached session's keys with keys AWS does not know (sealed
+    as the module seals them, so that only AWS can refuse them)."""
+    key = session_key(dff)
+    keys = auth._seal_keys(base_secret)
+    record = json.loads(auth._unseal(keys, dff.CACHE.data[key]))
+    record.update(access_key='ASIAEXAMPLEUNKNOWN000', secret_key='unknown-secret-key',
+                  token='unknown-session-token')
+    dff.CACHE.data[key] = auth._seal(keys, json.dumps(record))
 
 
 def test_refused_cached_session_is_replaced_once(aws, user, monkeypatch, caplog):
@@ -794,7 +926,7 @@ def test_refused_cached_session_is_replaced_once(aws, user, monkeypatch, caplog)
     role = make_role(aws, user)
     account = account_of(user, assume_role_arn=role)
     identity(account)
-    plant_unknown_session(dff)
+    plant_unknown_session(dff, user['ak_secret'])
     with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
         session, ident = identity(account)
         ec2_call(session)
@@ -812,7 +944,7 @@ def test_refused_cached_mfa_session_asks_for_a_fresh_code(aws, sts, user, monkey
     role = make_role(aws, user)
     account = mfa_account(aws, user, role)
     identity(account)
-    plant_unknown_session(dff)
+    plant_unknown_session(dff, user['ak_secret'])
     del sts.proxy.seen[:]
     with pytest.raises(auth.AuthError) as info:
         identity(account)
@@ -853,7 +985,8 @@ def test_mfa_session_of_the_earlier_cache_layout(aws, user, monkeypatch, expired
     clock = Clock()
     if expired:
         clock.advance(4000)
-    dff.CACHE.data[earlier_layout_key(account, 'mfa_assume_role')] = json.dumps({
+    old_key = earlier_layout_key(account, 'mfa_assume_role')
+    dff.CACHE.data[old_key] = json.dumps({
         'access_key': creds['AccessKeyId'], 'secret_key': creds['SecretAccessKey'],
         'token': creds['SessionToken'], 'expiry_time': auth._format_time(creds['Expiration']),
         'issued': auth._format_time(datetime.datetime.now(UTC)), 'used_code': earlier_used_code(account)})
@@ -865,6 +998,45 @@ def test_mfa_session_of_the_earlier_cache_layout(aws, user, monkeypatch, expired
             _, ident = identity(account, clock=clock)
             assert ident['arn'].endswith('/instance')
     assert sts_calls(calls, 'AssumeRole') == []
+    # Adopted once: the plain entry is gone, the session is sealed.
+    assert old_key not in dff.CACHE.data
+    leaks = cache_leaks(dff_texts(dff), creds['AccessKeyId'], creds['SecretAccessKey'],
+                        creds['SessionToken'], account['ak_secret'])
+    assert not leaks, leaks
+    assert bool(session_entries(dff)) is not expired
+    # The next run neither sends the used code nor loses the session.
+    with aws.recording() as calls:
+        if expired:
+            with pytest.raises(auth.AuthError, match='expired at'):
+                identity(account, clock=clock)
+        else:
+            identity(account, clock=clock)
+    assert sts_calls(calls, 'AssumeRole') == []
+
+
+def test_plain_session_entry_of_the_version_before_sealing_is_sealed_in_place(aws, sts, user,
+                                                                            monkeypatch):
+    """The version just before sealing filed plain JSON under today's key: an
+    upgrade reads it once (an MFA session keeps running, its code is not sent
+    again), then seals it."""
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    role = make_role(aws, user)
+    account = mfa_account(aws, user, role)
+    session, _ = identity(account)
+    frozen = session.get_credentials().get_frozen_credentials()
+    key = session_key(dff)
+    plain = auth._unseal(auth._seal_keys(user['ak_secret']), dff.CACHE.data[key])
+    dff.CACHE.data[key] = plain
+    assert frozen.secret_key in plain
+    del sts.proxy.seen[:]
+    with aws.recording() as calls:
+        again, _ = identity(account)
+    assert [c['action'] for c in sts_calls(calls)] == ['GetCallerIdentity']
+    assert not [r for r in sts.proxy.seen if b'TokenCode' in r['body']], 'the used code was sent again'
+    assert again.get_credentials().get_frozen_credentials().access_key == frozen.access_key
+    assert dff.CACHE.data[key].startswith('v1:')
+    assert not cache_leaks(dff_texts(dff), frozen.access_key, frozen.secret_key, frozen.token)
 
 
 # -- retries of the collector's clients (item 4) ---------------------------------------
