@@ -194,15 +194,15 @@ class Runner:
         state_key = (f'integration_core:last_success:{collector.state_key}:'
                      f'{fingerprint(self.datakit_id)}')
         interval = getattr(collector, 'min_interval', MIN_INTERVAL.get(collector.category, 0))
-        started_at = self.clock()
-        if not (self.debug or force):
-            age = _last_success_age(dff, state_key, started_at)
-            if age is not None and age < interval - schedule_grace(interval):
-                LOG.info('%s skipped: the last collection started %d s ago, under %d s '
-                         '(set INTEGRATION_FORCE=1 or use --force to collect anyway)',
-                         label, age, interval)
-                status['status'] = 'skipped'
-                return status
+        fresh = Freshness(dff, state_key, interval, self.clock(), always=self.debug or force)
+        # A collector of several accounts keeps the rule per account itself.
+        per_account = callable(getattr(collector, 'use_freshness', None))
+        skipped = collector.use_freshness(fresh) if per_account else fresh.skip_reason()
+        if skipped:
+            LOG.info('%s skipped: %s (set INTEGRATION_FORCE=1 or use --force to collect anyway)',
+                     label, skipped)
+            status['status'] = 'skipped'
+            return status
         links.before(collector)
         cancel = getattr(collector, 'cancel', lambda: None)
         identified = False
@@ -221,6 +221,7 @@ class Runner:
         status['identity'] = ident
         LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
                  ident.get('partition'), ident.get('arn'), ident.get('method'))
+        failed_accounts = self._log_accounts(label, collector, status)
         started = time.monotonic()
         failed_before = delivery.failed_points if delivery else 0
         batch = []
@@ -245,27 +246,54 @@ class Runner:
             cancel()
         for region in getattr(collector, 'results', []):
             status['regions'].append(region)
+            where = _where(region)
             if region.get('error'):
-                LOG.error('%s %s FAILED: %s', label, region['region'], region['error'])
+                LOG.error('%s %s FAILED: %s', label, where, region['error'])
             elif region.get('summary'):
-                LOG.info('%s %s: %s, %.2f s', label, region['region'], region['summary'],
-                         region['seconds'])
+                LOG.info('%s %s: %s, %.2f s', label, where, region['summary'], region['seconds'])
             else:
                 LOG.info('%s %s: %d instance(s), %d page(s), %d API call(s), %.2f s', label,
-                         region['region'], region['instances'], region['pages'],
+                         where, region['instances'], region['pages'],
                          region['api_calls'], region['seconds'])
-        failed_regions = [r['region'] for r in status['regions'] if r.get('error')]
-        if failed_regions and status['status'] == 'ok':
+        failed_regions = [_where(r) for r in status['regions'] if r.get('error')]
+        failures = ([f'{len(failed_accounts)} account(s) failed: {", ".join(failed_accounts)}']
+                    if failed_accounts else [])
+        if failed_regions:
+            failures.append(f'{len(failed_regions)} region(s) failed: {", ".join(failed_regions)}')
+        if failures and status['status'] == 'ok':
             status['status'] = 'failed'
-            status['error'] = f'{len(failed_regions)} region(s) failed: {", ".join(failed_regions)}'
+            status['error'] = '; '.join(failures)
         undelivered = (delivery.failed_points - failed_before) if delivery else 0
         LOG.info('%s %d point(s) in %.2f s%s', label, status['points'], time.monotonic() - started,
                  f', {undelivered} not delivered (spooled or dead-lettered)' if undelivered else '')
-        if status['status'] == 'ok' and not undelivered and not self.debug:
-            _mark_success(dff, state_key, interval, started_at)
+        if not undelivered and not self.debug:
+            if per_account:
+                for account in collector.collected_accounts():
+                    fresh.mark(account)
+            elif status['status'] == 'ok':
+                fresh.mark()
         if status['status'] == 'ok':
             links.after(collector)
         return status
+
+    @staticmethod
+    def _log_accounts(label, collector, status):
+        """A collector of several accounts: one line for each; the failed ones."""
+        failed = []
+        for account in getattr(collector, 'accounts', lambda: [])():
+            name = f" ({account['account_name']})" if account.get('account_name') else ''
+            if account.get('error'):
+                LOG.error('%s account %s%s FAILED: %s', label, account['account_id'], name,
+                          account['error'])
+                failed.append(account['account_id'])
+            elif account.get('skipped'):
+                LOG.info('%s account %s%s skipped: %s', label, account['account_id'], name,
+                         account['skipped'])
+            else:
+                LOG.info('%s account %s%s as %s via %s', label, account['account_id'], name,
+                         account.get('arn'), account.get('method'))
+        status['accounts'] = [dict(a) for a in getattr(collector, 'accounts', lambda: [])()]
+        return failed
 
     @staticmethod
     def _write(delivery, category, batch, state_key):
@@ -424,20 +452,46 @@ def schedule_grace(interval):
     return min(interval / 4.0, 120.0)
 
 
-def _last_success_age(dff, key, now):
-    try:
-        raw = dff.CACHE.get(key)
-        return now - float(json.loads(raw)['started']) if raw else None
-    except Exception as e:  # a broken or foreign record must not stop collection
-        LOG.warning('[Runner] ignoring an unreadable last-collection record: %s', _one_line(e))
+class Freshness:
+    """The skip rule (see schedule_grace) for one collection, or for each
+    account of a collection of several (`part`): when its last successful
+    collection started, kept in DFF.CACHE."""
+
+    def __init__(self, dff, key, interval, now, always=False):
+        self.dff = dff
+        self.key = key
+        self.interval = interval
+        self.now = now
+        self.always = always        # debug or force: never skip
+
+    def skip_reason(self, part=''):
+        """Why to skip now, or None to collect."""
+        if self.always:
+            return None
+        try:
+            raw = self.dff.CACHE.get(self._key(part))
+            age = self.now - float(json.loads(raw)['started']) if raw else None
+        except Exception as e:  # a broken or foreign record must not stop collection
+            LOG.warning('[Runner] ignoring an unreadable last-collection record: %s', _one_line(e))
+            return None
+        if age is not None and age < self.interval - schedule_grace(self.interval):
+            return f'the last collection started {age:.0f} s ago, under {self.interval:.0f} s'
         return None
 
+    def mark(self, part=''):
+        try:
+            self.dff.CACHE.set(self._key(part), json.dumps({'started': self.now}),
+                               expires=max(1, int(self.interval)))
+        except Exception as e:
+            LOG.warning('[Runner] cannot record the collection time: %s', _one_line(e))
 
-def _mark_success(dff, key, interval, started_at):
-    try:
-        dff.CACHE.set(key, json.dumps({'started': started_at}), expires=max(1, int(interval)))
-    except Exception as e:
-        LOG.warning('[Runner] cannot record the collection time: %s', _one_line(e))
+    def _key(self, part):
+        return f'{self.key}:{part}' if part else self.key
+
+
+def _where(region):
+    """'us-east-1', or '111122223333 us-east-1' for a collector of several accounts."""
+    return f"{region['account']} {region['region']}" if region.get('account') else region['region']
 
 
 def fingerprint(*parts):
