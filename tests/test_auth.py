@@ -14,10 +14,12 @@ import threading
 import urllib.parse
 
 import pytest
+from botocore.exceptions import ClientError
 
 import integration_aws_auth as auth
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
+from integration_local.runtime import FileCache
 from conftest import account_of, sts_calls, unique
 from demo_emulator import ImdsServer, USER_POLICY
 from servers import FaultProxy, ec2_error
@@ -174,18 +176,57 @@ def test_wrong_external_id_fails_with_a_hint(aws, user):
     assert 'AccessDenied' in str(info.value) and "account['external_id']" in str(info.value)
 
 
-def test_role_credentials_are_reused_across_runs(aws, user):
+def test_role_credentials_are_reused_across_runs(aws, user, monkeypatch):
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
     role = make_role(aws, user)
     account = account_of(user, assume_role_arn=role)
-    identity(account)
+    with aws.recording() as first:
+        session = auth.get_session(account, region='us-east-1')
+    # A session just issued is marked verified at once: not shown to AWS again.
+    assert [c['action'] for c in sts_calls(first)] == ['AssumeRole']
+    flag = session_key(dff) + auth.VERIFIED_SUFFIX
+    assert dff.CACHE.data[flag] and dff.CACHE.ttl[flag] == auth.VERIFY_INTERVAL
+    first_key = session.get_credentials().get_frozen_credentials().access_key
+    auth.describe_identity(session, account)      # the first run's banner
     with aws.recording() as calls:   # the next */15 run: a new session, same cache
         session, ident = identity(account)
         ec2_call(session)
-    # The cached session is shown to AWS once (GetCallerIdentity), not renewed.
+    # Steady state: the cached session is neither renewed nor shown to AWS.
+    assert sts_calls(calls) == [], 'the second run must reuse the cached role session without STS'
+    ec2 = [c for c in calls if c['service'] == 'ec2']
+    assert ec2 and all(c['access_key'] == first_key and c['token'] for c in ec2)
+    assert first_key != user['ak_id'] and 'assumed-role' in ident['arn']
+
+
+def test_role_session_is_shown_to_aws_again_once_its_check_is_an_hour_old(aws, user, tmp_path):
+    """The verified flag lives VERIFY_INTERVAL in the cache (the local
+    runtime's FileCache, its clock moved on): until then runs make no STS
+    call, then one GetCallerIdentity with the cached session, no AssumeRole."""
+    assert auth.VERIFY_INTERVAL == 3600, 'the README promises at most one check an hour'
+    now = [1_700_000_000.0]
+    cache = FileCache(root=str(tmp_path / 'moved'), clock=lambda: now[0])
+    role = make_role(aws, user, max_session=43200)        # a 12 h session outlives the hour
+    account = account_of(user, assume_role_arn=role)
+    session, ident = identity(account, cache=cache)
+    first_key = session.get_credentials().get_frozen_credentials().access_key
+    now[0] += auth.VERIFY_INTERVAL - 1
+    with aws.recording() as calls:
+        identity(account, cache=cache)
+    assert sts_calls(calls) == [], 'checked less than VERIFY_INTERVAL ago: no STS call'
+    now[0] += 1                                           # the flag has expired
+    with aws.recording() as calls:
+        session, again = identity(account, cache=cache)
+        ec2_call(session)
     (check,) = sts_calls(calls)
-    assert check['action'] == 'GetCallerIdentity', 'the second run must reuse the cached role session'
-    assert check['token'] and check['access_key'] != user['ak_id']
-    assert 'assumed-role' in ident['arn']
+    assert check['action'] == 'GetCallerIdentity'
+    assert check['access_key'] == first_key and check['token'], 'the cached session is what is shown'
+    assert session.get_credentials().get_frozen_credentials().access_key == first_key
+    assert again == ident
+    now[0] += auth.VERIFY_INTERVAL - 1                    # checked again: quiet for another hour
+    with aws.recording() as calls:
+        identity(account, cache=cache)
+    assert sts_calls(calls) == []
 
 
 def test_short_role_session_refreshes_during_a_long_run(aws, user):
@@ -231,7 +272,7 @@ def test_mfa_with_role_sends_the_code_once_across_runs(aws, user):
     (assume,) = sts_calls(first, 'AssumeRole')
     assert assume['params']['TokenCode'] == '918273'
     assert assume['params']['SerialNumber'] == account['serial_number']
-    assert [c['action'] for c in sts_calls(second)] == ['GetCallerIdentity']
+    assert sts_calls(second) == [], 'the cached MFA session is reused without any STS call'
     assert ident2 == ident and ident['method'] == 'mfa_assume_role'
 
 
@@ -242,8 +283,9 @@ def test_mfa_without_role_uses_get_session_token_once(aws, user):
         session.client('ec2', region_name='us-east-1').meta.events  # no call yet
         frozen = session.get_credentials().get_frozen_credentials()
     # moto's GetSessionToken returns fixed credentials that its own IAM
-    # enforcement refuses; AWS's work. So the second run's check of the cached
-    # session (GetCallerIdentity) is made with enforcement off.
+    # enforcement refuses; AWS's work. So the second run is made with
+    # enforcement off: were the cached session shown to AWS (GetCallerIdentity),
+    # the list of calls below, not moto, would say so.
     aws.enforce(False)
     try:
         with aws.recording() as second:
@@ -254,7 +296,7 @@ def test_mfa_without_role_uses_get_session_token_once(aws, user):
     assert gst['action'] == 'GetSessionToken' and gst['access_key'] == user['ak_id']
     assert gst['params']['TokenCode'] == '918273'
     assert gst['params']['DurationSeconds'] == '7200'
-    assert [c['action'] for c in sts_calls(second)] == ['GetCallerIdentity']
+    assert sts_calls(second) == [], 'the cached session is reused without any STS call'
     # What matters is that the session uses them (with their token), and the
     # second run reuses them.
     assert frozen.token and again.access_key == frozen.access_key
@@ -442,6 +484,7 @@ class FuncCache:
 
     def __init__(self):
         self.data = {}
+        self.ttl = {}       # the expiry asked for, per key (Redis would drop the key then)
 
     def get(self, key, scope=None):
         return self.data.get(key)
@@ -449,9 +492,11 @@ class FuncCache:
     def set(self, key, value, scope=None, expire=None):
         assert isinstance(value, str), 'DFF.CACHE takes strings'
         self.data[key] = value
+        self.ttl[key] = expire
 
     def delete(self, key, scope=None):
         self.data.pop(key, None)
+        self.ttl.pop(key, None)
 
 
 class FuncDFF:
@@ -466,7 +511,9 @@ def test_inside_func_dff_cache_is_used(aws, user, monkeypatch, tmp_path):
     identity(account_of(user, assume_role_arn=role))
     assert dff.CACHE.data, 'the role session must be kept in DFF.CACHE'
     for key, value in dff.CACHE.data.items():
-        if key.startswith(auth.SESSION_KEY_PREFIX):
+        if key.startswith(auth.SESSION_KEY_PREFIX) and key.endswith(auth.VERIFIED_SUFFIX):
+            assert value == '1' and dff.CACHE.ttl[key] == auth.VERIFY_INTERVAL
+        elif key.startswith(auth.SESSION_KEY_PREFIX):
             assert value.startswith('v1:')
         else:
             json.loads(value)
@@ -482,7 +529,9 @@ def test_dff_injected_into_the_auth_script_is_used(aws, user, monkeypatch):
 
 
 def session_entries(dff):
-    return [key for key in dff.CACHE.data if key.startswith(auth.SESSION_KEY_PREFIX)]
+    """The session records (not their verified flags, key + VERIFIED_SUFFIX)."""
+    return [key for key in dff.CACHE.data
+            if key.startswith(auth.SESSION_KEY_PREFIX) and not key.endswith(auth.VERIFIED_SUFFIX)]
 
 
 def session_key(dff):
@@ -531,14 +580,15 @@ def test_cache_holds_no_temporary_credentials(aws, user, request, monkeypatch, t
     assert auth.auth_method(account) == method
     first = auth.get_session(account, region='us-east-1').get_credentials().get_frozen_credentials()
     # moto's GetSessionToken credentials fail its own IAM enforcement (see
-    # test_mfa_without_role_uses_get_session_token_once).
+    # test_mfa_without_role_uses_get_session_token_once); the recorder still
+    # sees a GetCallerIdentity that should not be made.
     aws.enforce(method != 'mfa_session')
     try:
         with aws.recording() as calls:
             again = auth.get_session(account, region='us-east-1').get_credentials().get_frozen_credentials()
     finally:
         aws.enforce(True)
-    assert [c['action'] for c in sts_calls(calls)] == ['GetCallerIdentity'], 'the sealed session is reused'
+    assert sts_calls(calls) == [], 'the sealed session is reused, without any STS call'
     assert again.access_key == first.access_key and first.token
     texts = dff_texts(dff) if store == 'DFF.CACHE' else file_texts(tmp_path)
     assert len(texts) >= 2, texts
@@ -598,16 +648,22 @@ def test_session_entry_that_does_not_open_counts_as_absent(aws, user, monkeypatc
     # Another secret: the very session, still valid, that only its sealer may use.
     dff.CACHE.data[key] = BAD_SEALS[case](value, lambda other: auth._seal(auth._seal_keys(other), record))
     with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
-        session, ident = identity(account)
+        session = auth.get_session(account, region='us-east-1')
+    with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as banner:
+        ident = auth.describe_identity(session, account)
         ec2_call(session)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and 'does not open' in lines[0], lines
     assert not cache_leaks([('warning', lines[0])], first.secret_key, first.token, user['ak_secret'])
-    assert [c['action'] for c in sts_calls(calls)] == ['AssumeRole', 'GetCallerIdentity']
-    assert sts_calls(calls)[0]['access_key'] == user['ak_id']
-    assert 'assumed-role' in ident['arn']
+    # Counted as absent: a new session, which AWS just issued and is not asked about.
+    assert [(c['action'], c['access_key']) for c in sts_calls(calls)] == [('AssumeRole', user['ak_id'])]
     fresh = json.loads(auth._unseal(auth._seal_keys(user['ak_secret']), dff.CACHE.data[key]))
     assert fresh['access_key'] != first.access_key
+    assert dff.CACHE.data[key + auth.VERIFIED_SUFFIX]
+    # Its identity is not known yet: the banner asks, with the new session.
+    assert [(c['action'], c['access_key']) for c in sts_calls(banner)] == [
+        ('GetCallerIdentity', fresh['access_key'])]
+    assert 'assumed-role' in ident['arn']
 
 
 def test_no_secret_in_logs_or_reprs_at_debug(aws, user, caplog):
@@ -902,22 +958,32 @@ def test_cache_entries_of_unexpected_shape_count_as_absent(aws, sts, user, monke
     assert all('564738' not in w and user['ak_secret'] not in w for w in warnings)
     assert 'assumed-role' in ident['arn']
     assert [c['params']['TokenCode'] for c in sts_calls(calls, 'AssumeRole')] == ['564738']
+    # The planted session counted as absent: a new one, not checked (just
+    # issued); only the banner asks who it is (the identity entry was planted too).
+    fresh = session.get_credentials().get_frozen_credentials().access_key
+    assert [(c['action'], c['access_key']) for c in sts_calls(calls)] == [
+        ('AssumeRole', user['ak_id']), ('GetCallerIdentity', fresh)]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
         identity(account)
     assert not [r for r in caplog.records if 'unexpected shape' in r.getMessage()]
-    assert [c['action'] for c in sts_calls(calls)] == ['GetCallerIdentity']
+    assert sts_calls(calls) == [], 'the replacement is reused without any STS call'
 
 
-def plant_unknown_session(dff, base_secret):
+def plant_unknown_session(dff, base_secret, verified=False):
     """Replace the cached session's keys with keys AWS does not know (sealed
-    as the module seals them, so that only AWS can refuse them)."""
+    as the module seals them, so that only AWS can refuse them). Unless
+    `verified`, its verified flag goes too, as when the last check is
+    VERIFY_INTERVAL old: the next run shows the session to AWS."""
     key = session_key(dff)
     keys = auth._seal_keys(base_secret)
     record = json.loads(auth._unseal(keys, dff.CACHE.data[key]))
     record.update(access_key='ASIAEXAMPLEUNKNOWN000', secret_key='unknown-secret-key',
                   token='unknown-session-token')
     dff.CACHE.data[key] = auth._seal(keys, json.dumps(record))
+    assert dff.CACHE.data.get(key + auth.VERIFIED_SUFFIX), 'the session had been verified'
+    if not verified:
+        dff.CACHE.delete(key + auth.VERIFIED_SUFFIX)
 
 
 def test_refused_cached_session_is_replaced_once(aws, user, monkeypatch, caplog):
@@ -936,6 +1002,41 @@ def test_refused_cached_session_is_replaced_once(aws, user, monkeypatch, caplog)
     assert 'assumed-role' in ident['arn']
     (line,) = [r.getMessage() for r in caplog.records if 'refused the cached' in r.getMessage()]
     assert 'InvalidClientTokenId' in line and 'unknown-secret-key' not in line
+    # The replacement is marked verified: the next run asks STS nothing.
+    assert dff.CACHE.data[session_key(dff) + auth.VERIFIED_SUFFIX]
+    with aws.recording() as calls:
+        session, _ = identity(account)
+        ec2_call(session)
+    assert sts_calls(calls) == []
+
+
+def test_refused_session_checked_within_the_hour_is_caught_by_the_next_check(aws, user, monkeypatch):
+    """The accepted cost of checking at most every VERIFY_INTERVAL: a session
+    AWS stopped taking since its last check is used as it is, and fails the
+    run's calls, until its flag expires (at most VERIFY_INTERVAL later); the
+    first run after that drops and replaces it, once."""
+    dff = FuncDFF()
+    monkeypatch.setattr(auth, 'DFF', dff, raising=False)
+    account = account_of(user, assume_role_arn=make_role(aws, user))
+    identity(account)
+    plant_unknown_session(dff, user['ak_secret'], verified=True)
+    flag = session_key(dff) + auth.VERIFIED_SUFFIX
+    assert dff.CACHE.ttl[flag] == auth.VERIFY_INTERVAL
+    with aws.recording() as calls:
+        session = auth.get_session(account, region='us-east-1')
+        with pytest.raises(ClientError) as info:
+            ec2_call(session)
+    assert sts_calls(calls) == [], 'within the hour the cached session is not shown to AWS'
+    assert session.get_credentials().get_frozen_credentials().access_key == 'ASIAEXAMPLEUNKNOWN000'
+    assert info.value.response['Error']['Code'] in ('AuthFailure', 'InvalidClientTokenId')
+    dff.CACHE.delete(flag)                      # VERIFY_INTERVAL later, Redis drops the flag
+    with aws.recording() as calls:
+        session, ident = identity(account)
+        ec2_call(session)
+    actions = [(c['action'], c['access_key']) for c in sts_calls(calls)]
+    assert actions[:2] == [('GetCallerIdentity', 'ASIAEXAMPLEUNKNOWN000'), ('AssumeRole', user['ak_id'])]
+    assert len(sts_calls(calls, 'AssumeRole')) == 1
+    assert 'assumed-role' in ident['arn']
 
 
 def test_refused_cached_mfa_session_asks_for_a_fresh_code(aws, sts, user, monkeypatch):
@@ -1028,11 +1129,14 @@ def test_plain_session_entry_of_the_version_before_sealing_is_sealed_in_place(aw
     key = session_key(dff)
     plain = auth._unseal(auth._seal_keys(user['ak_secret']), dff.CACHE.data[key])
     dff.CACHE.data[key] = plain
+    dff.CACHE.delete(key + auth.VERIFIED_SUFFIX)     # that version wrote none
     assert frozen.secret_key in plain
     del sts.proxy.seen[:]
     with aws.recording() as calls:
         again, _ = identity(account)
-    assert [c['action'] for c in sts_calls(calls)] == ['GetCallerIdentity']
+    # Shown to AWS once (no flag yet), not renewed.
+    assert [(c['action'], c['access_key']) for c in sts_calls(calls)] == [
+        ('GetCallerIdentity', frozen.access_key)]
     assert not [r for r in sts.proxy.seen if b'TokenCode' in r['body']], 'the used code was sent again'
     assert again.get_credentials().get_frozen_credentials().access_key == frozen.access_key
     assert dff.CACHE.data[key].startswith('v1:')
