@@ -185,7 +185,8 @@ def parse_request(raw):
     params.update(query)
     match = _CREDENTIAL_RE.search(headers.get('authorization', ''))
     return {
-        'action': params.get('Action'),
+        # Query protocol: Action=...; JSON protocol: X-Amz-Target: <prefix>.<Action>.
+        'action': params.get('Action') or headers.get('x-amz-target', '').rpartition('.')[2] or None,
         'service': match.group(3) if match else None,
         'region': match.group(2) if match else None,
         'access_key': match.group(1) if match else None,

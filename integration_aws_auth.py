@@ -89,7 +89,9 @@ LOG = logging.getLogger('integration.aws.auth')
 KNOWN_KEYS = (
     'ak_id', 'ak_secret', 'assume_role_arn', 'external_id', 'role_session_name',
     'serial_number', 'token_code', 'duration_seconds', 'extra_tags',
+    'member_role_name', 'member_external_id', 'member_accounts', 'exclude_accounts',
 )
+ACCOUNT_LIST_KEYS = ('member_accounts', 'exclude_accounts')
 SECRET_KEYS = ('ak_secret', 'token_code')
 DEFAULT_ROLE_SESSION_NAME = 'Integration'
 
@@ -99,6 +101,8 @@ SESSION_NAME_RE = re.compile(r'^[\w+=,.@-]{2,64}$')
 EXTERNAL_ID_RE = re.compile(r'^[\w+=,.@:/-]{2,1224}$')
 SERIAL_NUMBER_RE = re.compile(r'^[\w+=/:,.@-]{9,256}$')
 TOKEN_CODE_RE = re.compile(r'^\d{6}$')
+ACCOUNT_ID_RE = re.compile(r'^\d{12}$')
+ROLE_NAME_RE = re.compile(r'^(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,64}$')
 ACCESS_KEY_ID_RE = re.compile(r'^[A-Z0-9]{16,128}$')
 ROLE_DURATION = (900, 43200)
 SESSION_TOKEN_DURATION = (900, 129600)
@@ -150,6 +154,9 @@ SESSION_KEY_PREFIX = 'integration_aws_auth:session:'
 CODES_KEY_PREFIX = 'integration_aws_auth:mfa-codes:'
 DURATION_KEY_PREFIX = 'integration_aws_auth:role-duration:'
 IDENTITY_KEY_PREFIX = 'integration_aws_auth:identity:'
+# A cached session is shown to AWS at most this often (see _check_cached).
+VERIFY_INTERVAL = 3600
+VERIFIED_SUFFIX = ':verified'
 SESSION_FIELDS = ('access_key', 'secret_key', 'token', 'expiry_time', 'issued')
 
 # The STS region of each partition when the account names no region.
@@ -190,15 +197,25 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     method = auth_method(account)
     if method == 'access_key':
         bs.set_credentials(account['ak_id'], account['ak_secret'])
+        binding = _Binding(('keys', account['ak_id'], _keyed_digest(account['ak_secret'])),
+                           _seal_keys(account['ak_secret']), None, False)
     elif method != 'default_chain':
         fetcher = _TemporaryCredentialFetcher(
             account, bs, region, method,
             cache=cache if cache is not None else _default_cache(),
             clock=clock or _utcnow)
         bs._credentials = fetcher.refreshable_credentials()
+        binding = fetcher.binding
     else:
-        _require_default_chain(bs)
+        frozen = _require_default_chain(bs).get_frozen_credentials()
+        binding = _Binding(('chain', frozen.access_key, _keyed_digest(frozen.secret_key)),
+                           _seal_keys(frozen.secret_key), None, bool(frozen.token))
     session = boto3.session.Session(botocore_session=bs, region_name=region)
+    # What a member account's session (member_session) is bound to: the base
+    # credentials behind this one, never the secret itself.
+    session.integration_binding = _Binding(
+        ('via', method, account.get('assume_role_arn'), account.get('serial_number'), binding.key),
+        binding.seal_keys, None, method != 'access_key' or binding.chained)
     # boto3 appends its data folder to the loader's search path per session;
     # the loader is shared and lives as long as the process: keep it short.
     paths = bs.get_component('data_loader').search_paths
@@ -206,19 +223,59 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     return session
 
 
-def describe_identity(session, account=None, region=None, cache=None, client=None):
+def member_session(management, account, member_id, cache=None, clock=None):
+    """A boto3 Session in the member account `member_id` of an Organization:
+    account['member_role_name'] assumed there (ExternalId
+    account['member_external_id'], RoleSessionName account['role_session_name'])
+    with the credentials of `management`, the session get_session made for
+    `account`. When those are themselves a session (a role, MFA, an instance
+    role), this is role chaining: AWS caps the member session at 1 hour. The
+    session is cached and sealed like the management's, bound to its base."""
+    region = management.region_name
+    partition = partition_of(region)
+    member = {'assume_role_arn': f"arn:{partition}:iam::{member_id}:role/{account['member_role_name']}"}
+    for key, member_key in (('member_external_id', 'external_id'),
+                            ('role_session_name', 'role_session_name')):
+        if account.get(key):
+            member[member_key] = account[key]
+    base = management.integration_binding
+    binding = _Binding(base.key, base.seal_keys, management.get_credentials(), base.chained)
+    bs = new_botocore_session()
+    bs.set_config_variable('region', region)
+    fetcher = _TemporaryCredentialFetcher(
+        member, bs, region, 'member_role', cache=cache if cache is not None else _default_cache(),
+        clock=clock or _utcnow, binding=binding)
+    bs._credentials = fetcher.refreshable_credentials()
+    session = boto3.session.Session(botocore_session=bs, region_name=region)
+    session.integration_binding = _Binding(('member', member_id, base.key), base.seal_keys, None, True)
+    return session
+
+
+def member_identity(account, member_id, partition):
+    """Who a member session is, known without asking AWS: the role's session."""
+    role = account['member_role_name'].split('/')[-1]
+    name = account.get('role_session_name') or DEFAULT_ROLE_SESSION_NAME
+    return {'method': 'member_role', 'account_id': member_id, 'partition': partition,
+            'arn': f'arn:{partition}:sts::{member_id}:assumed-role/{role}/{name}'}
+
+
+def describe_identity(session, account=None, region=None, cache=None, client=None,
+                      keep_keys_for=None):
     """Who we are, for the run's banner: never a secret. One sts call, or none
     for a temporary session whose identity is already known (get_session
-    shows a cached session to AWS once per run and keeps the answer). Long-term
-    keys are always checked: the call is what turns revoked keys into one
-    clear line per account."""
+    keeps the answer when it shows a cached session to AWS). Long-term keys
+    are checked each run, the call that turns revoked keys into one clear line
+    per account, unless `keep_keys_for` seconds say how long their answer may
+    be kept (an Organization's management keys: their calls to
+    organizations:ListAccounts and sts:AssumeRole say as much)."""
     region = region or session.region_name
     creds = session.get_credentials()
     frozen = creds.get_frozen_credentials() if creds is not None else None
     cache = cache if cache is not None else _default_cache()
     key = None
-    if frozen is not None and frozen.token:
-        key = IDENTITY_KEY_PREFIX + _hash(frozen.access_key)
+    if frozen is not None and (frozen.token or keep_keys_for):
+        key = IDENTITY_KEY_PREFIX + (_hash(frozen.access_key) if frozen.token else
+                                     _hash(frozen.access_key, _keyed_digest(frozen.secret_key)))
         cached = _read_record(cache, key, _valid_identity, 'identity')
         if cached:
             return cached
@@ -239,6 +296,8 @@ def describe_identity(session, account=None, region=None, cache=None, client=Non
     expiry = getattr(creds, '_expiry_time', None)
     if key and expiry is not None:
         _remember_identity(cache, frozen.access_key, result, expiry - _utcnow())
+    elif key:
+        cache.set(key, json.dumps(result), expire=keep_keys_for)
     return result
 
 
@@ -310,6 +369,8 @@ def validate_account(account, where='account'):
     for key, value in account.items():
         if key == 'extra_tags':
             out[key] = _check_extra_tags(value, where)
+        elif key in ACCOUNT_LIST_KEYS:
+            out[key] = _check_account_ids(value, f'{where}[{key!r}]')
         elif key == 'duration_seconds':
             if isinstance(value, bool) or not isinstance(value, int):
                 raise AccountConfigError(
@@ -352,9 +413,19 @@ def _check_combination(raw, acc, where):
         missing('serial_number', 'token_code', 'add the 6-digit code the MFA device shows now')
     if 'serial_number' in acc and 'ak_id' not in acc:
         missing('serial_number', 'ak_id', 'MFA needs the IAM user\'s keys (ak_id and ak_secret) of the device\'s owner')
-    for key in ('external_id', 'role_session_name'):
-        if key in acc and 'assume_role_arn' not in acc:
-            missing(key, 'assume_role_arn', 'add the role to assume, or remove this key')
+    if 'external_id' in acc and 'assume_role_arn' not in acc:
+        missing('external_id', 'assume_role_arn', 'add the role to assume, or remove this key')
+    if 'role_session_name' in acc and not ('assume_role_arn' in acc or 'member_role_name' in acc):
+        missing('role_session_name', 'assume_role_arn', 'add the role to assume, or remove this key')
+    for key in ('member_external_id',) + ACCOUNT_LIST_KEYS:
+        if key in acc and 'member_role_name' not in acc:
+            missing(key, 'member_role_name', "name the role to assume in every member account "
+                    "(e.g. 'OrganizationReadOnly'), or remove this key")
+    if 'member_accounts' in acc and 'exclude_accounts' in acc:
+        both = sorted(set(acc['member_accounts']) & set(acc['exclude_accounts']))
+        if both:
+            raise AccountConfigError(f"{where}['exclude_accounts'] excludes {', '.join(both)}, which "
+                                     f"{where}['member_accounts'] lists: keep it in one of them")
     if 'duration_seconds' in acc and not ('assume_role_arn' in acc or 'serial_number' in acc):
         raise AccountConfigError(
             f"{where}['duration_seconds'] only applies to temporary sessions "
@@ -379,7 +450,31 @@ FORMATS = (
         f'9-256 characters (got {v!r})')),
     ('token_code', TOKEN_CODE_RE, lambda v: (
         f'must be exactly 6 digits, the code the MFA device shows now (got {len(v)} characters)')),
+    ('member_role_name', ROLE_NAME_RE, lambda v: (
+        f'must be a role name (1-64 characters of letters, digits and +=,.@_-, optionally after '
+        f"a path such as 'audit/'), not an ARN (got {v!r}): the role is assumed as "
+        "arn:<partition>:iam::<member id>:role/<member_role_name> in every member account")),
+    ('member_external_id', EXTERNAL_ID_RE, lambda v: (
+        f'must be 2-1224 characters of letters, digits and +=,.@:/_- (got {len(v)} characters): '
+        "copy it from the member roles' trust policy")),
 )
+
+
+def _check_account_ids(value, where):
+    """A list of 12-digit account ids (strings), each once."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise AccountConfigError(f"{where} must be a non-empty list of 12-digit account ids in quotes, "
+                                 "e.g. ['111122223333']")
+    out = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not ACCOUNT_ID_RE.match(item.strip()):
+            shown = item if isinstance(item, str) else f'{item!r} ({type(item).__name__})'
+            raise AccountConfigError(f'{where}[{index}] must be a 12-digit account id in quotes, '
+                                     f"e.g. '111122223333' (got {shown})")
+        if item.strip() in out:
+            raise AccountConfigError(f'{where}[{index}] lists {item.strip()} a second time')
+        out.append(item.strip())
+    return out
 
 
 def _check_formats(acc, where):
@@ -580,7 +675,7 @@ class _TemporaryCredentialFetcher:
     MFA: a code is sent at most once. The codes sent are kept per device
     (and base credentials), whatever the role, session name or duration."""
 
-    def __init__(self, account, botocore_session, region, method, cache, clock):
+    def __init__(self, account, botocore_session, region, method, cache, clock, binding=None):
         self.account = account
         self.bs = botocore_session
         self.region = region
@@ -589,7 +684,14 @@ class _TemporaryCredentialFetcher:
         self.clock = clock
         self.partition = partition_of(region)
         self.base_credentials = None
-        if method.startswith('default_chain'):
+        if binding is not None:
+            # A member account's role, assumed with the management session's
+            # credentials: filed and sealed under the management's own base.
+            self.base_credentials = binding.credentials
+            base = binding.key
+            self._seal_keys = binding.seal_keys
+            self.chained = binding.chained
+        elif method.startswith('default_chain'):
             # Kept apart from the session's own credentials (get_session puts
             # the role's there): the role is always assumed with the chain's.
             self.base_credentials = _require_default_chain(botocore_session)
@@ -603,6 +705,7 @@ class _TemporaryCredentialFetcher:
             base = ('keys', account['ak_id'], _keyed_digest(account['ak_secret']))
             self._seal_keys = _seal_keys(account['ak_secret'])
             self.chained = False
+        self.binding = _Binding(base, self._seal_keys, self.base_credentials, self.chained)
         role = account.get('assume_role_arn')
         self.cache_key = SESSION_KEY_PREFIX + _hash(
             method, base, role, account.get('external_id'), self.session_name,
@@ -635,7 +738,7 @@ class _TemporaryCredentialFetcher:
 
     def refreshable_credentials(self):
         record = self.fetch(full=True)
-        if self.from_cache:
+        if self.from_cache and not self._checked_recently():
             record = self._check_cached(record)
         advisory, mandatory = self.margins(record)
         return RefreshableCredentials(
@@ -672,6 +775,8 @@ class _TemporaryCredentialFetcher:
             'issued': _format_time(now),
         }
         self._store(record)
+        # Just issued: AWS needs no asking whether it takes it, for a while.
+        self._mark_checked()
         if self.codes_key:
             self._remember_code(record['expiry_time'])
         LOG.info('[AWS auth] obtained a new %s session, valid until %s', self.method, record['expiry_time'])
@@ -679,11 +784,13 @@ class _TemporaryCredentialFetcher:
         return record if full else _metadata(record)
 
     def _check_cached(self, record):
-        """A cached session is shown to AWS once per run (sts:GetCallerIdentity,
-        which needs no permission) before any client uses it: a session AWS
-        refuses (revoked, expired early, damaged) is dropped and replaced once,
-        instead of failing every region until its recorded expiry. The answer
-        is kept as the session's identity, so describe_identity asks no more."""
+        """A cached session is shown to AWS (sts:GetCallerIdentity, which needs
+        no permission) before any client uses it, at most once every
+        VERIFY_INTERVAL: a session AWS refuses (revoked, expired early,
+        damaged) is dropped and replaced once, instead of failing every region
+        until its recorded expiry; between checks, runs make no STS call. The
+        answer is kept as the session's identity, so describe_identity asks no
+        more."""
         sts = self.bs.create_client(
             'sts', region_name=self.region, aws_access_key_id=record['access_key'],
             aws_secret_access_key=record['secret_key'], aws_session_token=record['token'])
@@ -706,7 +813,26 @@ class _TemporaryCredentialFetcher:
         _remember_identity(self.cache, record['access_key'],
                            _identity_of(self.method, ident, self.partition),
                            _parse_time(record['expiry_time']) - self.clock())
+        self._mark_checked()
         return record
+
+    def _checked_recently(self):
+        """Whether AWS took this session within VERIFY_INTERVAL: the record
+        holds when, so a planted or everlasting entry cannot switch the check
+        off (an answer from the future counts as none)."""
+        try:
+            record = json.loads(self.cache.get(self.cache_key + VERIFIED_SUFFIX) or 'null')
+            age = (self.clock() - _parse_time(record['checked'])).total_seconds()
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return False
+        except Exception as e:   # a broken cache costs a check, not the run
+            LOG.warning('[AWS auth] cannot read the cache: %s', type(e).__name__)
+            return False
+        return 0 <= age < VERIFY_INTERVAL
+
+    def _mark_checked(self):
+        self.cache.set(self.cache_key + VERIFIED_SUFFIX,
+                       json.dumps({'checked': _format_time(self.clock())}), expire=VERIFY_INTERVAL)
 
     # -- STS --------------------------------------------------------------------
 
@@ -798,7 +924,13 @@ class _TemporaryCredentialFetcher:
             if self.probed:
                 line += (f'; the next run asks the role for {self.probed} s at once (set '
                          "account['duration_seconds'] for another length)")
-        if 'ExternalId' in line or ('AccessDenied' in line and 'external_id' in self.account):
+        if self.method == 'member_role':
+            if 'AccessDenied' in line:
+                line += (f"; does the role exist in account {self.account['assume_role_arn'].split(':')[4]} "
+                         'and trust this caller' + (", with account['member_external_id'] as its "
+                                                    'ExternalId' if 'external_id' in self.account else '')
+                         + '?')
+        elif 'ExternalId' in line or ('AccessDenied' in line and 'external_id' in self.account):
             line += "; check account['external_id'] against the role's trust policy"
         return line
 
@@ -1014,6 +1146,36 @@ def _hop_limit_hint(endpoint, timeout):
 # One account as a collector uses it
 # --------------------------------------------------------------------------
 
+class Member:
+    """One account a collector covers: its session and identity, the tags its
+    points carry (AccountId and AccountName for an Organization's members),
+    or why it is not collected (`error`: a failure; `skipped`: by design)."""
+    __slots__ = ('account_id', 'account_name', 'session', 'identity', 'tags', 'error', 'skipped')
+
+    def __init__(self, account_id, account_name, session=None, identity=None, tags=None):
+        self.account_id = account_id
+        self.account_name = account_name
+        self.session = session
+        self.identity = identity
+        self.tags = tags if tags is not None else {}
+        self.error = None
+        self.skipped = None
+
+    def __repr__(self):
+        return f'<Member {self.account_id}>'
+
+    def describe(self):
+        """The Runner's line about this account (no secret)."""
+        out = {'account_id': self.account_id, 'account_name': self.account_name}
+        if self.error:
+            out['error'] = self.error
+        elif self.skipped:
+            out['skipped'] = self.skipped
+        elif self.identity:
+            out.update(arn=self.identity['arn'], method=self.identity['method'])
+        return out
+
+
 # A collector's retries unless collector_configs or the user's SDK settings
 # (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS, the config file) say otherwise: adaptive
 # mode absorbs throttling (RequestLimitExceeded, Throttling) client-side.
@@ -1067,6 +1229,9 @@ class CollectorAccount:
         self._session = None
         self._identity = None
         self._pending_identity = None
+        self._identity_lock = threading.Lock()
+        self.fresh = None           # the Runner's skip rule (use_freshness)
+        self.collected = []         # the Members of the last members() call
 
     def session(self):
         if self._session is None:
@@ -1086,18 +1251,26 @@ class CollectorAccount:
             sts = cancellation.watch(session.client('sts', region_name=session.region_name,
                                                     config=config))
             self._pending_identity = core.in_background(
-                describe_identity, session, self.account, cache=self.cache, client=sts)
+                describe_identity, session, self.account, cache=self.cache, client=sts,
+                keep_keys_for=self._keep_keys_for)
 
     def identity(self):
         """The account in use (method, account id, ARN, partition): one sts call,
         or the answer of the one start_identity began."""
-        if self._identity is None:
-            pending, self._pending_identity = self._pending_identity, None
-            if pending is not None:
-                self._identity = pending.result()
-            else:
-                self._identity = describe_identity(self.session(), self.account, cache=self.cache)
-        return self._identity
+        with self._identity_lock:     # the Runner and region threads may ask at once
+            if self._identity is None:
+                pending, self._pending_identity = self._pending_identity, None
+                if pending is not None:
+                    self._identity = pending.result()
+                else:
+                    self._identity = describe_identity(
+                        self.session(), self.account, cache=self.cache,
+                        keep_keys_for=self._keep_keys_for)
+            return self._identity
+
+    @property
+    def _keep_keys_for(self):
+        return VERIFY_INTERVAL if self.organization else None
 
     def resolve_regions(self, config=None):
         """The configured regions, or for ['*'] every region enabled for the
@@ -1121,6 +1294,93 @@ class CollectorAccount:
                  len(regions))
         return regions
 
+    # -- the accounts to collect -------------------------------------------
+
+    @property
+    def organization(self):
+        """Whether this account collects the member accounts of an Organization."""
+        return 'member_role_name' in self.account
+
+    def use_freshness(self, fresh):
+        """The Runner's skip rule: for one account, why to skip this run (or
+        None); an Organization applies it to each member in members()."""
+        self.fresh = fresh
+        return None if self.organization else fresh.skip_reason()
+
+    def accounts(self):
+        """An Organization's member accounts, described for the Runner's lines."""
+        return [m.describe() for m in self.collected] if self.organization else []
+
+    def collected_accounts(self, results):
+        """The accounts collected in full, given the collector's region results:
+        the Runner records them as fresh ('' is the one account)."""
+        failed = {r.get('account') for r in results if r['error']}
+        if not self.organization:
+            return [] if failed else ['']
+        return [m.account_id for m in self.collected if m.session and m.account_id not in failed]
+
+    def members(self, cancellation, pool, fresh=None):
+        """The accounts to collect, each a Member with a session or the one line
+        saying why not. Without member_role_name: the account itself. With it:
+        every account of account['member_accounts'], or else every ACTIVE
+        account organizations:ListAccounts returns, less account['exclude_accounts'];
+        each member's role is assumed on `pool`, at once. `fresh` (the Runner's
+        skip rule) leaves out the accounts collected too recently."""
+        if not self.organization:
+            self.collected = [Member(None, None, self.session())]
+            return self.collected
+        management = self.identity()
+        listed = self.account.get('member_accounts')
+        found = [(a, None, 'ACTIVE') for a in listed] if listed else self._list_accounts(cancellation)
+        excluded = set(self.account.get('exclude_accounts', ()))
+        out, due = [], []
+        for account_id, name, status in found:
+            if account_id in excluded:
+                continue
+            member = Member(account_id, name, tags={'AccountId': account_id})
+            if name:
+                member.tags['AccountName'] = name
+            recent = fresh.skip_reason(account_id) if fresh is not None else None
+            if status != 'ACTIVE':
+                member.skipped = f'the account is {status}'
+            elif recent:
+                member.skipped = recent
+            else:
+                due.append(member)
+            out.append(member)
+        for member, outcome in pool.map(self._open_member, due):
+            if isinstance(outcome, Exception):
+                line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
+                if member.account_id == management['account_id'] and not listed:
+                    # The management account is included only when the role exists there.
+                    member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
+                else:
+                    member.error = line
+        self.collected = out
+        return out
+
+    def _open_member(self, member):
+        member.session = member_session(self.session(), self.account, member.account_id,
+                                        cache=self.cache, clock=self.clock)
+        member.identity = member_identity(self.account, member.account_id, self.partition)
+        return member
+
+    def _list_accounts(self, cancellation):
+        """(id, name, status) of every account of the Organization."""
+        session = self.session()
+        client = cancellation.watch(session.client('organizations', region_name=session.region_name))
+        out = []
+        try:
+            for page in client.get_paginator('list_accounts').paginate():
+                out.extend((a['Id'], a.get('Name'), a.get('Status', 'ACTIVE')) for a in page['Accounts'])
+        except ClientError as e:
+            raise AuthError(describe_client_error(e, 'organizations:ListAccounts') + (
+                ': list the accounts in account[\'member_accounts\'], or use the management '
+                'account (or a delegated administrator)' if 'AccessDenied' in str(e) else '')) from None
+        except BotoCoreError as e:
+            raise AuthError(f'organizations:ListAccounts failed: {core.first_line(e)}') from None
+        return sorted(out)
+
     def _discover_partition(self):
         """['*'] names no region: the role's ARN tells the partition, or else
         the keys do (they work in their own partition only)."""
@@ -1138,6 +1398,35 @@ class CollectorAccount:
                 if 'InvalidClientTokenId' not in str(e) and 'AuthFailure' not in str(e):
                     break
         raise AuthError("regions ['*']: the credentials work in no partition: " + '; '.join(errors))
+
+
+def check_accounts(aws, config, service, probe, explain):
+    """The rows of `integration-runner check` for a collector: for each
+    account (an Organization's members, or the one account) and region,
+    probe(client, region) -> the line when allowed, or explain(error, region)
+    when not; an account whose role cannot be assumed is one row."""
+    stop = core.Cancellation()
+    pool = core.Workers(4, 'check')
+    try:
+        members = aws.members(stop, pool)
+        regions = aws.resolve_regions(config)
+    finally:
+        stop.cancel()
+        pool.stop(core.STOP_GRACE)
+    rows = []
+    for member in members:
+        prefix = f'{member.account_id} ' if aws.organization else ''
+        if member.error or member.skipped:
+            rows.append({'region': member.account_id, 'ok': not member.error,
+                         'reason': member.error or f'skipped: {member.skipped}'})
+            continue
+        for region in regions:
+            client = member.session.client(service, region_name=region, config=config)
+            try:
+                rows.append({'region': prefix + region, 'ok': True, 'reason': probe(client, region)})
+            except (ClientError, BotoCoreError, AuthError) as e:
+                rows.append({'region': prefix + region, 'ok': False, 'reason': explain(e, region)})
+    return rows
 
 
 # --------------------------------------------------------------------------
@@ -1253,6 +1542,20 @@ def _valid_duration(record):
 def _valid_identity(record):
     return isinstance(record, dict) and all(
         isinstance(record.get(k), str) for k in ('method', 'account_id', 'arn', 'partition'))
+
+
+class _Binding:
+    """What a cached session is filed and sealed under: the base credentials
+    that obtained it (`key`: no secret in it, only a keyed hash), the keys
+    derived from their secret, the credentials to call STS with when they
+    are not the account's keys, and whether those are a session (chained)."""
+    __slots__ = ('key', 'seal_keys', 'credentials', 'chained')
+
+    def __init__(self, key, seal_keys, credentials, chained):
+        self.key, self.seal_keys, self.credentials, self.chained = key, seal_keys, credentials, chained
+
+    def __repr__(self):
+        return '<_Binding>'
 
 
 def _identity_of(method, answer, partition):

@@ -64,7 +64,7 @@ import re
 import threading
 import time
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 import integration_core__runner as core
 
@@ -113,6 +113,7 @@ DEFAULT_DIMENSIONS = {
     'AWS/ElastiCache': ('CacheClusterId',), 'AWS/S3': None, 'AWS/ES': None,
 }
 BUILT_IN_TAGS = ('RegionId', 'cloud_provider')
+ACCOUNT_TAGS = ('AccountId', 'AccountName')     # an Organization's member accounts
 
 
 class DataCollector:
@@ -131,7 +132,7 @@ class DataCollector:
         self.account = self.aws.account
         self.extra_tags = self.account.get('extra_tags', {})
         for key in self.extra_tags:
-            if key in BUILT_IN_TAGS:
+            if key in BUILT_IN_TAGS + (ACCOUNT_TAGS if self.aws.organization else ()):
                 raise auth.AccountConfigError(
                     f"account['extra_tags'][{key!r}] would overwrite the tag the CloudWatch "
                     'collector sets itself: rename the key')
@@ -176,32 +177,38 @@ class DataCollector:
     def identity(self):
         return self.aws.identity()
 
+    def use_freshness(self, fresh):
+        return self.aws.use_freshness(fresh)
+
+    def accounts(self):
+        return self.aws.accounts()
+
+    def collected_accounts(self):
+        return self.aws.collected_accounts(self.results)
+
     def start(self):
         """Begin: the identity call and each region's discovery, in the background."""
         if self._run is not None:
             return
         stop = core.Cancellation()
-        self.aws.start_identity(stop, self._client_config())
+        config = self._client_config()
+        self.aws.start_identity(stop, config)
+        pool = core.Workers(self.configs['concurrency'], 'cloudwatch')
         try:
-            regions = self.aws.resolve_regions(self._client_config())
+            regions = self.aws.resolve_regions(config)
+            members = self.aws.members(stop, pool, self.aws.fresh)
         except Exception:
             stop.cancel()
+            pool.stop(core.STOP_GRACE)
             raise
-        session = self.aws.session()
-        self.results = [_new_result(r) for r in regions]
-        run = {
-            'out': queue.Queue(),
-            'stop': stop,
-            'pool': core.Workers(self.configs['concurrency'], 'cloudwatch'),
-            'regions': {},
-        }
+        work = [(m, r) for m in members if m.session for r in regions]
+        self.results = [_new_result(r, m if self.aws.organization else None) for m, r in work]
+        run = {'out': queue.Queue(), 'stop': stop, 'pool': pool, 'regions': []}
         self._run = run
-        config = self._client_config()
-        for result in self.results:
-            client = stop.watch(session.client('cloudwatch', region_name=result['region'],
-                                               config=config))
-            run['regions'][result['region']] = _Region(self, client, result, run)
-            run['pool'].submit(run['regions'][result['region']].discover)
+        for (member, region), result in zip(work, self.results):
+            client = stop.watch(member.session.client('cloudwatch', region_name=region, config=config))
+            run['regions'].append(_Region(self, member, client, result, run))
+            pool.submit(run['regions'][-1].discover)
 
     def collect(self):
         """Yield points as each GetMetricData call's answer arrives; fill
@@ -217,7 +224,7 @@ class DataCollector:
                     yield from payload
                 else:
                     pending -= 1
-                    run['regions'][region].finish()
+                    region.finish()
         finally:
             run['stop'].cancel()
             run['pool'].stop(core.STOP_GRACE)
@@ -230,28 +237,23 @@ class DataCollector:
             self.results = []
 
     def check(self):
-        """Probe each region: cloudwatch:ListMetrics and cloudwatch:GetMetricData."""
-        session = self.aws.session()
-        out = []
+        """Probe each account and region: cloudwatch:ListMetrics and
+        cloudwatch:GetMetricData."""
         end = int(self.now()) // 60 * 60
-        for region in self.aws.resolve_regions(self._client_config()):
-            client = session.client('cloudwatch', region_name=region, config=self._client_config())
-            namespace = self.targets[0]['namespace']
-            try:
-                listed = client.list_metrics(Namespace=namespace, RecentlyActive='PT3H')['Metrics']
-                metric = listed[0] if listed else {'Namespace': namespace, 'MetricName': 'CPUUtilization',
-                                                   'Dimensions': []}
-                client.get_metric_data(
-                    MetricDataQueries=[{'Id': 'q0', 'MetricStat': {
-                        'Metric': metric, 'Period': 60, 'Stat': 'SampleCount'}}],
-                    StartTime=end - 3600, EndTime=end)
-                out.append({'region': region, 'ok': True, 'reason': (
-                    f'cloudwatch:ListMetrics and cloudwatch:GetMetricData allowed ({len(listed)} '
-                    f'{namespace} series on the first page)')})
-            except (ClientError, BotoCoreError, auth.AuthError) as e:
-                out.append({'region': region, 'ok': False,
-                            'reason': explain_error(e, 'cloudwatch:ListMetrics/GetMetricData')})
-        return out
+        namespace = self.targets[0]['namespace']
+
+        def probe(client, region):
+            listed = client.list_metrics(Namespace=namespace, RecentlyActive='PT3H')['Metrics']
+            metric = listed[0] if listed else {'Namespace': namespace, 'MetricName': 'CPUUtilization',
+                                               'Dimensions': []}
+            client.get_metric_data(MetricDataQueries=[{'Id': 'q0', 'MetricStat': {
+                'Metric': metric, 'Period': 60, 'Stat': 'SampleCount'}}],
+                StartTime=end - 3600, EndTime=end)
+            return (f'cloudwatch:ListMetrics and cloudwatch:GetMetricData allowed ({len(listed)} '
+                    f'{namespace} series on the first page)')
+        return auth.check_accounts(
+            self.aws, self._client_config(), 'cloudwatch', probe,
+            lambda error, region: explain_error(error, 'cloudwatch:ListMetrics/GetMetricData'))
 
     def _client_config(self):
         return auth.client_config(self.configs, 'integration_aws_cloudwatch')
@@ -269,8 +271,9 @@ class _Region:
     """One region's collection: discovery, then GetMetricData calls on the
     collector's pool; each call's answer becomes points on the output queue."""
 
-    def __init__(self, collector, client, result, run):
+    def __init__(self, collector, member, client, result, run):
         self.collector = collector
+        self.member = member
         self.client = client
         self.result = result
         self.run = run
@@ -482,6 +485,7 @@ class _Region:
             name = dict(series.dims).get(link)
             tags.update(collector.objects.get(name) or {})
         tags.update(collector.extra_tags)
+        tags.update(self.member.tags)
         tags.update(series.dims)
         tags['RegionId'] = self.region
         tags['cloud_provider'] = 'AWS'
@@ -506,7 +510,7 @@ class _Region:
             self.result['calls'][name] = self.result['calls'].get(name, 0) + 1
 
     def _done(self):
-        self.run['out'].put(('done', self.region, None))
+        self.run['out'].put(('done', self, None))
 
     def _explain(self, error, action):
         if self.run['stop'].is_set():
@@ -519,7 +523,7 @@ class _Region:
     def _key(self, what):
         # By the account that answered, not only the keys that asked: two
         # machines' instance roles share a Func's Redis.
-        account_id = self.collector.identity().get('account_id')
+        account_id = self.member.account_id or self.collector.identity().get('account_id')
         return f'integration_aws_cloudwatch:{what}:{self.collector.state_key}:{account_id}:{self.region}'
 
 
@@ -737,10 +741,13 @@ def _cache_get(cache, key):
         return None
 
 
-def _new_result(region):
-    return {'region': region, 'series': 0, 'points': 0, 'queries': 0, 'api_calls': 0,
-            'calls': {}, 'seconds': 0.0, 'error': None, 'hook_errors': 0, 'discovery': None,
-            'buckets': set(), 'messages': set(), 'note': None}
+def _new_result(region, member=None):
+    result = {'region': region, 'series': 0, 'points': 0, 'queries': 0, 'api_calls': 0,
+              'calls': {}, 'seconds': 0.0, 'error': None, 'hook_errors': 0, 'discovery': None,
+              'buckets': set(), 'messages': set(), 'note': None}
+    if member is not None:          # a member account of an Organization
+        result.update(account=member.account_id, account_name=member.account_name)
+    return result
 
 
 def _summary(result):

@@ -76,6 +76,7 @@ MAX_CONCURRENCY = 32
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
+ACCOUNT_TAGS = ('AccountId', 'AccountName')     # an Organization's member accounts
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
 # Extra hints for the region errors users meet most.
@@ -105,7 +106,7 @@ class DataCollector:
         self.account = self.aws.account
         self.extra_tags = self.account.get('extra_tags', {})
         for key in self.extra_tags:
-            if key in BUILT_IN_TAGS:
+            if key in BUILT_IN_TAGS + (ACCOUNT_TAGS if self.aws.organization else ()):
                 raise auth.AccountConfigError(
                     f"account['extra_tags'][{key!r}] would overwrite the tag the EC2 collector "
                     'sets itself: rename the key')
@@ -139,25 +140,42 @@ class DataCollector:
         already under way in the background when start() ran."""
         return self.aws.identity()
 
+    def use_freshness(self, fresh):
+        return self.aws.use_freshness(fresh)
+
+    def accounts(self):
+        return self.aws.accounts()
+
+    def collected_accounts(self):
+        return self.aws.collected_accounts(self.results)
+
     def start(self):
         """Begin collecting in the background: the Runner calls this before
         identity(), so the identity call overlaps the regions' first pages."""
         if self._run is not None:
             return
         stop = core.Cancellation()
+        config = self._client_config()
         # Its network wait overlaps the making of the region clients below.
-        self.aws.start_identity(stop, self._client_config())
+        self.aws.start_identity(stop, config)
+        pool = None
         try:
-            regions = self.aws.resolve_regions(self._client_config())
+            regions = self.aws.resolve_regions(config)
+            pool = core.Workers(self.configs.get('concurrency') or (
+                MAX_CONCURRENCY if self.aws.organization else min(MAX_CONCURRENCY, len(regions))), 'ec2')
+            # One pool for every (account, region): member roles are assumed on it too.
+            members = self.aws.members(stop, pool, self.aws.fresh)
         except Exception:
             stop.cancel()
+            if pool is not None:
+                pool.stop(core.STOP_GRACE)
             raise
-        session = self.aws.session()
-        self.results = [_new_result(r) for r in regions]
-        workers = min(self.configs.get('concurrency') or MAX_CONCURRENCY, len(regions)) or 1
+        work = [(m, r) for m in members if m.session for r in regions]
+        self.results = [_new_result(r, m if self.aws.organization else None) for m, r in work]
+        workers = pool.size
         run = {
             'timestamp': time.time_ns(),
-            'regions': {r['region']: r for r in self.results},
+            'regions': self.results,
             'pages': queue.Queue(),
             # A parsed page of 1000 instances is tens of MB: at most one parsed
             # page per worker exists at a time, whatever the estate's size. A
@@ -165,16 +183,15 @@ class DataCollector:
             # holds the GIL anyway.
             'slots': threading.Semaphore(workers),
             'stop': stop,
-            'pool': core.Workers(workers, 'ec2'),
+            'pool': pool,
             'gc': _relax_gc(),
         }
         self._run = run
-        config = self._client_config()
-        for result in self.results:
-            # Clients come from the one session (not thread-safe to create),
-            # each region starting as soon as its client exists.
-            client = stop.watch(session.client('ec2', region_name=result['region'], config=config))
-            run['pool'].submit(self._fetch_region, client, result, run)
+        for (member, region), result in zip(work, self.results):
+            # Clients come from the account's session (not thread-safe to
+            # create), each region starting as soon as its client exists.
+            client = stop.watch(member.session.client('ec2', region_name=region, config=config))
+            pool.submit(self._fetch_region, client, result, run)
 
     def collect(self):
         """Yield points page by page, regions in parallel; fill self.results."""
@@ -183,14 +200,14 @@ class DataCollector:
         try:
             done = 0
             while done < len(run['regions']):
-                kind, region, reservations = run['pages'].get()
+                kind, result, reservations = run['pages'].get()
                 if kind == 'done':
                     done += 1
                     continue
                 # Points are a fraction of a parsed page's size: make them, free
                 # the page (and its parse's cyclic garbage, see _relax_gc) and
                 # let the next page be fetched before the points are written.
-                points = list(self._points(reservations, run['regions'][region], run['timestamp']))
+                points = list(self._points(reservations, result, run['timestamp']))
                 reservations = None
                 gc.collect(1)
                 run['slots'].release()
@@ -207,19 +224,13 @@ class DataCollector:
             self.results = []
 
     def check(self):
-        """Probe each region's permission with a 5-result DescribeInstances."""
-        session = self.aws.session()
-        out = []
-        for region in self.aws.resolve_regions(self._client_config()):
-            client = session.client('ec2', region_name=region, config=self._client_config())
-            try:
-                resp = client.describe_instances(MaxResults=5)
-                count = sum(len(r['Instances']) for r in resp['Reservations'])
-                out.append({'region': region, 'ok': True,
-                            'reason': f'ec2:DescribeInstances allowed ({count} instance(s) on a 5-result page)'})
-            except (ClientError, BotoCoreError, auth.AuthError) as e:
-                out.append({'region': region, 'ok': False, 'reason': explain_error(e, region)})
-        return out
+        """Probe each account's and region's permission with a 5-result
+        DescribeInstances; an account whose role cannot be assumed is a row."""
+        def probe(client, region):
+            resp = client.describe_instances(MaxResults=5)
+            count = sum(len(r['Instances']) for r in resp['Reservations'])
+            return f'ec2:DescribeInstances allowed ({count} instance(s) on a 5-result page)'
+        return auth.check_accounts(self.aws, self._client_config(), 'ec2', probe, explain_error)
 
     # -- collection ----------------------------------------------------------
 
@@ -243,7 +254,7 @@ class DataCollector:
                 result['api_calls'] += 1 + resp['ResponseMetadata'].get('RetryAttempts', 0)
                 result['pages'] += 1
                 params['NextToken'] = resp.get('NextToken')
-                pages.put(('page', result['region'], resp['Reservations']))
+                pages.put(('page', result, resp['Reservations']))
                 resp = None     # the consumer holds the page now; don't keep it alive
                 if not params['NextToken']:
                     break
@@ -256,7 +267,7 @@ class DataCollector:
                                if stop.is_set() else explain_error(e, result['region']))
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
-            pages.put(('done', result['region'], None))
+            pages.put(('done', result, None))
 
     def _describe_page(self, client, params, result, stop):
         """One DescribeInstances page. botocore retries throttling and broken
@@ -274,9 +285,14 @@ class DataCollector:
                 time.sleep(0.2 * 2 ** attempt)
 
     def _points(self, reservations, result, timestamp):
+        tags = self.extra_tags
+        if result.get('account'):
+            tags = dict(tags, AccountId=result['account'])
+            if result.get('account_name'):
+                tags['AccountName'] = result['account_name']
         for reservation in reservations:
             for instance in reservation.get('Instances', []):
-                point = instance_to_point(instance, result['region'], self.extra_tags, timestamp)
+                point = instance_to_point(instance, result['region'], tags, timestamp)
                 point = self._apply_hooks(point, result)
                 if point is not None:
                     result['instances'] += 1
@@ -386,9 +402,12 @@ def explain_error(error, region):
     return f'{type(error).__name__}: {core.first_line(error)}'
 
 
-def _new_result(region):
-    return {'region': region, 'instances': 0, 'pages': 0, 'api_calls': 0,
-            'seconds': 0.0, 'error': None, 'hook_errors': 0}
+def _new_result(region, member=None):
+    result = {'region': region, 'instances': 0, 'pages': 0, 'api_calls': 0,
+              'seconds': 0.0, 'error': None, 'hook_errors': 0}
+    if member is not None:          # a member account of an Organization
+        result.update(account=member.account_id, account_name=member.account_name)
+    return result
 
 
 def _finish(run):

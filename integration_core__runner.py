@@ -1341,17 +1341,19 @@ def in_background(func, *args, **kwargs):
     """func(*args, **kwargs) in a thread of its own; a Future of its result.
     The future is always settled, so whoever waits on it never hangs."""
     future = Future()
-
-    def call():
-        try:
-            future.set_result(func(*args, **kwargs))
-        except Exception as e:
-            future.set_exception(e)
-        finally:
-            if not future.done():   # SystemExit and the like: still an answer
-                future.set_exception(RuntimeError(f'{callable_name(func)} was interrupted'))
-    threading.Thread(target=call, name='integration-identity', daemon=True).start()
+    threading.Thread(target=_settle, args=(future, func) + args, kwargs=kwargs,
+                     name='integration-identity', daemon=True).start()
     return future
+
+
+def _settle(future, func, *args, **kwargs):
+    try:
+        future.set_result(func(*args, **kwargs))
+    except Exception as e:
+        future.set_exception(e)
+    finally:
+        if not future.done():   # SystemExit and the like: still an answer
+            future.set_exception(RuntimeError(f'{callable_name(func)} was interrupted'))
 
 
 class Cancelled(Exception):
@@ -1426,6 +1428,7 @@ class Workers:
     joins them at interpreter exit, and stop() waits a bounded time."""
 
     def __init__(self, count, name):
+        self.size = count = max(1, count)
         self._tasks = queue.Queue()
         self._threads = [threading.Thread(target=self._work, name=f'integration-{name}-{i}',
                                           daemon=True) for i in range(count)]
@@ -1434,6 +1437,20 @@ class Workers:
 
     def submit(self, func, *args):
         self._tasks.put((func, args))
+
+    def map(self, func, items):
+        """func(item) for every item, on the pool; once all are done,
+        [(item, its result or the exception it raised)] in order."""
+        futures = []
+        for item in items:
+            future = Future()
+            futures.append((item, future))
+            self.submit(_settle, future, func, item)
+        out = []
+        for item, future in futures:
+            error = future.exception()
+            out.append((item, error if error is not None else future.result()))
+        return out
 
     def _work(self):
         while True:

@@ -512,7 +512,7 @@ def test_inside_func_dff_cache_is_used(aws, user, monkeypatch, tmp_path):
     assert dff.CACHE.data, 'the role session must be kept in DFF.CACHE'
     for key, value in dff.CACHE.data.items():
         if key.startswith(auth.SESSION_KEY_PREFIX) and key.endswith(auth.VERIFIED_SUFFIX):
-            assert value == '1' and dff.CACHE.ttl[key] == auth.VERIFY_INTERVAL
+            assert set(json.loads(value)) == {'checked'} and dff.CACHE.ttl[key] == auth.VERIFY_INTERVAL
         elif key.startswith(auth.SESSION_KEY_PREFIX):
             assert value.startswith('v1:')
         else:

@@ -1,0 +1,341 @@
+"""Every account of an AWS Organization from one startup script: moto with IAM
+enforcement on, an Organization of a management account and three members
+(one without the role, one with instances in two regions, one whose role
+requires an ExternalId), and a proxy doing what moto leaves out: a role in
+another account must exist and trust the caller's ExternalId."""
+import json
+import re
+import urllib.parse
+
+import pytest
+
+import integration_aws_auth as auth
+import integration_aws_cloudwatch__main as cw
+import integration_aws_ec2__main as ec2
+import integration_core__runner as core
+import integration_local.runtime as local_runtime
+from conftest import account_of, unique
+from demo_emulator import READ_POLICY, USER_POLICY
+from servers import FaultProxy
+
+ROLE = 'org-reader'
+EXTERNAL_ID = 'member-ext-1234'
+REGIONS = ['us-east-1', 'us-west-2']
+ORG_POLICY = {'Version': '2012-10-17', 'Statement': USER_POLICY['Statement'] + [
+    {'Effect': 'Allow', 'Action': ['organizations:ListAccounts'], 'Resource': '*'}]}
+ACCESS_DENIED = ('<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender'
+                 '</Type><Code>AccessDenied</Code><Message>User: {caller} is not authorized to perform: '
+                 'sts:AssumeRole on resource: {role}</Message></Error><RequestId>t</RequestId></ErrorResponse>')
+
+
+class CrossAccountRoles(FaultProxy):
+    """moto in front of which AssumeRole into another account is judged as AWS
+    does: the role must exist there and its trust policy's ExternalId match.
+    It also notes which role each issued access key belongs to."""
+
+    def __init__(self, upstream):
+        self.roles = {}             # role ARN -> ExternalId it requires (None: none)
+        self.issued = {}            # temporary access key id -> role ARN
+        super().__init__(upstream, self.rule)
+
+    def rule(self, request):
+        if request['service'] != 'sts' or request['action'] != 'AssumeRole':
+            return None
+        params = dict(urllib.parse.parse_qsl(request['body'].decode()))
+        arn = params['RoleArn']
+        account = arn.split(':')[4]
+        if account == '123456789012' and arn not in self.roles:
+            return None             # the management account's own roles: moto checks them
+        if arn not in self.roles or (self.roles[arn] and params.get('ExternalId') != self.roles[arn]):
+            return ('status', 403, ACCESS_DENIED.format(caller='the caller', role=arn))
+        return None
+
+    def _forward(self, method, path, headers, body):
+        status, response_headers, data = super()._forward(method, path, headers, body)
+        text = data.decode('utf-8', 'replace')
+        if 'AssumeRoleResponse' in text:
+            params = dict(urllib.parse.parse_qsl(body.decode()))
+            key = re.search(r'<AccessKeyId>([^<]+)</AccessKeyId>', text).group(1)
+            self.issued[key] = params['RoleArn']
+        return status, response_headers, data
+
+
+@pytest.fixture(scope='module')
+def organization(emulator):
+    """The Organization, made once (moto allows one per management account),
+    with enforcement off while its accounts are laid out (moto's
+    OrganizationAccountAccessRole has no policy), then on again."""
+    emulator.enforce(False)
+    try:
+        return _lay_out(emulator)
+    finally:
+        emulator.enforce()
+
+
+def _lay_out(emulator):
+    admin = emulator.client('organizations', 'us-east-1')
+    try:
+        admin.create_organization(FeatureSet='ALL')
+    except admin.exceptions.AlreadyInOrganizationException:
+        pass
+    user = emulator.make_user(unique('org-collector'), 'aws', policy=ORG_POLICY)
+    members = {}
+    for label in ('with-instances', 'without-role', 'external-id'):
+        status = admin.create_account(Email=f'{label}@example.com',
+                                      AccountName=unique(label))['CreateAccountStatus']
+        members[label] = {'id': status['AccountId'], 'name': status['AccountName']}
+    roles = {}
+    for label, member in members.items():
+        creds = member_creds(emulator, member['id'])
+        if label != 'without-role':
+            iam = emulator.client('iam', 'us-east-1', creds)
+            condition = ({'Condition': {'StringEquals': {'sts:ExternalId': EXTERNAL_ID}}}
+                         if label == 'external-id' else {})
+            iam.create_role(RoleName=ROLE, AssumeRolePolicyDocument=json.dumps({
+                'Version': '2012-10-17', 'Statement': [dict(
+                    {'Effect': 'Allow', 'Principal': {'AWS': user['arn']}, 'Action': 'sts:AssumeRole'},
+                    **condition)]}))
+            iam.put_role_policy(RoleName=ROLE, PolicyName='p', PolicyDocument=json.dumps(READ_POLICY))
+            roles[f"arn:aws:iam::{member['id']}:role/{ROLE}"] = EXTERNAL_ID if label == 'external-id' else None
+        member['instances'] = {}
+        for region, count in {'with-instances': {'us-east-1': 2, 'us-west-2': 1},
+                              'external-id': {'us-east-1': 1}}.get(label, {}).items():
+            ec2_client = emulator.client('ec2', region, creds)
+            reply = ec2_client.run_instances(ImageId='ami-12c6146b', MinCount=count, MaxCount=count)
+            member['instances'][region] = [i['InstanceId'] for i in reply['Instances']]
+    # The role in the management account too: it is collected like a member.
+    emulator.make_role(ROLE, user['arn'], 'aws')
+    return {'user': user, 'members': members, 'roles': roles}
+
+
+@pytest.fixture
+def org(aws, organization, monkeypatch):
+    proxy = CrossAccountRoles(aws.url)
+    proxy.roles.update(organization['roles'])
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    yield dict(organization, proxy=proxy)
+    proxy.stop()
+
+
+def member_creds(emulator, account_id):
+    """The admin's way into a member account: OrganizationAccountAccessRole."""
+    c = emulator.assume(f'arn:aws:iam::{account_id}:role/OrganizationAccountAccessRole',
+                        emulator.admin('aws'), 'us-east-1')
+    return {'ak_id': c['AccessKeyId'], 'ak_secret': c['SecretAccessKey'], 'token': c['SessionToken']}
+
+
+class Sink:
+    def __init__(self):
+        self.points = []
+
+    def write_by_category_many(self, category, data):
+        self.points.extend((category, p) for p in data)
+        return 200, ''
+
+
+@pytest.fixture
+def sink():
+    out = Sink()
+    local_runtime.install(local_runtime.LocalDFF(output=out))
+    return out
+
+
+def org_account(org, **extra):
+    return account_of(org['user'], member_role_name=ROLE, member_external_id=EXTERNAL_ID, **extra)
+
+
+def by_account(sink, measurement='aws_ec2'):
+    out = {}
+    for _, point in sink.points:
+        if point['measurement'] == measurement:
+            out.setdefault(point['tags']['AccountId'], []).append(point)
+    return out
+
+
+def test_one_script_collects_every_member_account(aws, org, sink, caplog):
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    collector = ec2.DataCollector(org_account(org), {'regions': REGIONS})
+    with aws.recording() as calls:
+        with pytest.raises(core.RunFailed) as info:
+            core.Runner(collector, force=True).run()
+    points = by_account(sink)
+    wanted = members['with-instances']
+    assert sorted(p['tags']['name'] for p in points[wanted['id']]) == sorted(
+        wanted['instances']['us-east-1'] + wanted['instances']['us-west-2'])
+    assert {p['tags']['AccountName'] for p in points[wanted['id']]} == {wanted['name']}
+    ext = members['external-id']
+    assert [p['tags']['name'] for p in points[ext['id']]] == ext['instances']['us-east-1']
+    assert members['without-role']['id'] not in points
+    # One line for the broken account; the run fails after the others delivered.
+    broken = members['without-role']['id']
+    lines = [r.getMessage() for r in caplog.records]
+    failed = [line for line in lines if 'FAILED' in line]
+    assert len(failed) == 1 and f"account {broken} ({members['without-role']['name']}) FAILED: " \
+        'sts:AssumeRole: AccessDenied' in failed[0]
+    assert f'does the role exist in account {broken} and trust this caller' in failed[0]
+    assert f'1 account(s) failed: {broken}' in str(info.value)
+    for member in ('with-instances', 'external-id'):
+        account_id = members[member]['id']
+        assert any(f"account {account_id} ({members[member]['name']}) as arn:aws:sts::{account_id}:"
+                   f"assumed-role/{ROLE}/Integration via member_role" in line for line in lines)
+    # Which identity made each call: the user's keys list the accounts and
+    # assume the roles; each member's instances are read with its own session.
+    user_key = org['user']['ak_id']
+    assert {c['action'] for c in calls if c['access_key'] == user_key} >= {'ListAccounts', 'AssumeRole'}
+    describes = {(org['proxy'].issued.get(c['access_key'], 'not a member session').split(':')[4], c['region'])
+                 for c in calls if c['action'] == 'DescribeInstances'}
+    assert describes == {(a, r) for a in (wanted['id'], ext['id'], '123456789012') for r in REGIONS}
+    assume = [dict(urllib.parse.parse_qsl(c['url'].partition('?')[2])) or c['params']
+              for c in calls if c['action'] == 'AssumeRole']
+    assert all(a.get('ExternalId') == EXTERNAL_ID for a in assume)
+
+
+def test_a_second_run_makes_no_sts_call(aws, org, sink):
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    first = len(sink.points)
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assert [c['action'] for c in calls if c['service'] == 'sts'] == []
+    assert len(sink.points) == 2 * first
+
+
+def test_an_account_created_between_runs_is_picked_up(aws, org, sink, emulator):
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    emulator.enforce(False)
+    try:
+        admin = emulator.client('organizations', 'us-east-1')
+        new = admin.create_account(Email='new@example.com', AccountName=unique('new'))['CreateAccountStatus']
+        creds = member_creds(emulator, new['AccountId'])
+        iam = emulator.client('iam', 'us-east-1', creds)
+        iam.create_role(RoleName=ROLE, AssumeRolePolicyDocument=json.dumps({
+            'Version': '2012-10-17', 'Statement': [
+                {'Effect': 'Allow', 'Principal': {'AWS': org['user']['arn']}, 'Action': 'sts:AssumeRole'}]}))
+        iam.put_role_policy(RoleName=ROLE, PolicyName='p', PolicyDocument=json.dumps(READ_POLICY))
+        instance = emulator.client('ec2', 'us-west-2', creds).run_instances(
+            ImageId='ami-12c6146b', MinCount=1, MaxCount=1)['Instances'][0]['InstanceId']
+    finally:
+        emulator.enforce()
+    org['proxy'].roles[f"arn:aws:iam::{new['AccountId']}:role/{ROLE}"] = None
+    sink.points.clear()
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assert [p['tags']['name'] for p in by_account(sink)[new['AccountId']]] == [instance]
+
+
+def test_the_skip_rule_is_kept_per_account(aws, org, sink, caplog):
+    """A second run 5 minutes later collects only what the first could not."""
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    now = [1_800_000_000.0]
+
+    def run():
+        collector = ec2.DataCollector(org_account(org), {'regions': REGIONS})
+        with pytest.raises(core.RunFailed):
+            core.Runner(collector, clock=lambda: now[0]).run()
+    run()
+    failed_first = sorted(re.search(r'account (\d{12})', r.getMessage()).group(1)
+                          for r in caplog.records if 'FAILED' in r.getMessage())
+    assert members['without-role']['id'] in failed_first
+    now[0] += 300
+    caplog.clear()
+    org['proxy'].seen.clear()
+    with aws.recording() as calls:
+        run()
+    lines = [r.getMessage() for r in caplog.records]
+    for label in ('with-instances', 'external-id'):
+        assert any(f"account {members[label]['id']} ({members[label]['name']}) skipped: the last "
+                   'collection started 300 s ago, under 900 s' in line for line in lines)
+    broken = members['without-role']['id']
+    assert any(f'account {broken}' in line and 'FAILED' in line for line in lines)
+    # Only the account that failed is tried again (the proxy refused its
+    # AssumeRole before moto saw it); nothing of the fresh accounts is read.
+    assumed = sorted(dict(urllib.parse.parse_qsl(r['body'].decode()))['RoleArn']
+                     for r in org['proxy'].seen if r['action'] == 'AssumeRole')
+    assert assumed == [f'arn:aws:iam::{a}:role/{ROLE}' for a in failed_first]
+    assert [c for c in calls if c['action'] == 'DescribeInstances'] == []
+
+
+def test_listed_accounts_need_no_organizations_call(aws, org, sink):
+    wanted = org['members']['with-instances']
+    account = org_account(org, member_accounts=[wanted['id']])
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assert 'ListAccounts' not in [c['action'] for c in calls]
+    points = by_account(sink)
+    assert list(points) == [wanted['id']]
+    assert all('AccountName' not in p['tags'] for p in points[wanted['id']]), 'the name is not known'
+
+
+def test_role_chaining_from_a_role_asks_for_an_hour(aws, org, sink):
+    """With assume_role_arn, that role is assumed first, then the members'
+    from it: AWS caps chained sessions at 1 hour."""
+    mgmt_role = aws.make_role(unique('hub'), org['user']['arn'], 'aws', policy=ORG_POLICY)
+    wanted = org['members']['with-instances']
+    org['proxy'].roles[f"arn:aws:iam::{wanted['id']}:role/{ROLE}"] = None
+    account = org_account(org, assume_role_arn=mgmt_role, member_accounts=[wanted['id']])
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assumes = [c for c in calls if c['action'] == 'AssumeRole']
+    member = [c for c in assumes if c['params'].get('RoleArn', '').endswith(f'{wanted["id"]}:role/{ROLE}')]
+    assert member and all(int(c['params']['DurationSeconds']) <= 3600 for c in member)
+    assert all(c['token'] for c in member), 'the member role is assumed with the hub role session'
+    assert len(by_account(sink)[wanted['id']]) == 3
+
+
+def test_cloudwatch_covers_every_member_account(aws, org, sink):
+    import datetime
+    import time
+    wanted = org['members']['with-instances']
+    now = int(time.time())
+    end = (now - 600) // 300 * 300
+    instance = wanted['instances']['us-east-1'][0]
+    aws.enforce(False)
+    try:
+        aws.client('cloudwatch', 'us-east-1', member_creds(aws, wanted['id'])).put_metric_data(
+            Namespace='AWS/EC2', MetricData=[{
+                'MetricName': 'CPUUtilization', 'Dimensions': [{'Name': 'InstanceId', 'Value': instance}],
+                'Timestamp': datetime.datetime.fromtimestamp(end - 250, datetime.timezone.utc),
+                'Value': 42.0}])
+    finally:
+        aws.enforce()
+    account = org_account(org, member_accounts=[wanted['id']])
+    core.Runner([ec2.DataCollector(account, {'regions': REGIONS}),
+                 cw.DataCollector(account, {'regions': REGIONS}, now=lambda: now)], force=True).run()
+    metrics = by_account(sink, 'aws_AWS/EC2')[wanted['id']]
+    point = next(p for p in metrics if p['tags']['InstanceId'] == instance)
+    assert point['fields']['CPUUtilization_Average'] == 42.0
+    assert point['tags']['AccountId'] == wanted['id'] and point['tags']['InstanceType']
+
+
+def test_check_has_a_row_per_account_and_region(aws, org):
+    rows = ec2.DataCollector(org_account(org), {'regions': REGIONS}).check()
+    members = org['members']
+    by_label = {row['region']: row for row in rows}
+    for label in ('with-instances', 'external-id'):
+        for region in REGIONS:
+            assert by_label[f"{members[label]['id']} {region}"]['ok']
+    assert not by_label[members['without-role']['id']]['ok']
+    assert 'AccessDenied' in by_label[members['without-role']['id']]['reason']
+
+
+BAD = [
+    ({'member_external_id': 'x' * 10}, "account['member_external_id'] is set but account['member_role_name'] is missing"),
+    ({'member_role_name': 'arn:aws:iam::111122223333:role/r'}, "account['member_role_name'] must be a role name"),
+    ({'member_role_name': 'r', 'member_accounts': '111122223333'}, "account['member_accounts'] must be a non-empty list"),
+    ({'member_role_name': 'r', 'member_accounts': [111122223333]}, "account['member_accounts'][0] must be a 12-digit account id in quotes"),
+    ({'member_role_name': 'r', 'exclude_accounts': ['1234']}, "account['exclude_accounts'][0] must be a 12-digit account id"),
+    ({'member_role_name': 'r', 'member_accounts': ['111122223333', '111122223333']}, 'lists 111122223333 a second time'),
+    ({'member_role_name': 'r', 'extra_tags': {'AccountId': 'x'}}, "account['extra_tags']['AccountId'] would overwrite"),
+]
+
+
+@pytest.mark.parametrize('extra,expected', BAD, ids=[e for _, e in BAD])
+def test_a_bad_organization_key_is_one_line_before_any_call(aws, extra, expected):
+    account = dict({'ak_id': 'AKIAEXAMPLEEXAMPLE01', 'ak_secret': 'x' * 40}, **extra)
+    with aws.recording() as calls:
+        with pytest.raises(core.ConfigError) as info:
+            ec2.DataCollector(account, {'regions': ['us-east-1']})
+    assert expected in str(info.value) and '\n' not in str(info.value)
+    assert calls == []
