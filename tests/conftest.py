@@ -191,3 +191,21 @@ def influx():
     server = Influx()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope='session')
+def organization(emulator):
+    """An AWS Organization in moto (tests/org_estate.py), made once."""
+    from org_estate import lay_out
+    return lay_out(emulator)
+
+
+@pytest.fixture
+def org(aws, organization, monkeypatch):
+    """The Organization behind the cross-account proxy (AWS_ENDPOINT_URL)."""
+    from org_estate import CrossAccountRoles
+    proxy = CrossAccountRoles(aws.url)
+    proxy.roles.update(organization['roles'])
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    yield dict(organization, proxy=proxy)
+    proxy.stop()

@@ -564,3 +564,59 @@ def test_combined_script_links_metrics_to_objects_across_two_tasks(modules, seed
     assert not [line for line in later if line.startswith('aws_ec2,')]
     linked_later = [tags for tags, _ in metric_points(later) if tags['InstanceId'] in names]
     assert linked_later and all(tags['InstanceName'] == names[tags['InstanceId']] for tags in linked_later)
+
+
+# --------------------------------------------------------------------------
+# Every account of an AWS Organization (tests/org_estate.py)
+# --------------------------------------------------------------------------
+
+ORG_SCRIPT = '''
+account = {{
+    "ak_id"             : "{ak_id}",
+    "ak_secret"         : "{ak_secret}",
+    "member_role_name"  : "{role}",
+    "member_external_id": "{external_id}",
+}}
+collector_configs = {{'regions': {regions!r}}}
+
+from integration_core__runner import Runner
+import integration_aws_ec2__main as main
+
+@DFF.API('AWS-EC2 Collection', timeout=300, fixed_crontab='*/15 * * * *')
+def run():
+    Runner(main.DataCollector(account, collector_configs)).run()
+'''
+
+
+def test_an_organization_in_one_task_then_without_sts(modules, org, aws, datakit):
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    modules.set_process_env(AWS_ENDPOINT_URL=org['proxy'].url)
+    modules.set_env('INTEGRATION_FORCE', 'true')
+    code = ORG_SCRIPT.format(ak_id=org['user']['ak_id'], ak_secret=org['user']['ak_secret'],
+                             role=ROLE, external_id=EXTERNAL_ID, regions=REGIONS)
+    modules.publish('my_aws__organization', code)
+
+    first = modules.run('my_aws__organization.run')
+
+    members = org['members']
+    broken = members['without-role']
+    assert first.status == 'failure' and first.wall < FAILURE_WALL_LIMIT, first
+    assert re.search(rf"1 account\(s\) failed: {broken['id']}", first.exception or ''), first.exception
+    failed_lines = [m for m in first.messages if 'FAILED' in m]
+    assert len(failed_lines) == 1 and broken['id'] in failed_lines[0]
+    for label in ('with-instances', 'external-id'):
+        member = members[label]
+        assert line_matching(first.messages, rf"account {member['id']} \({re.escape(member['name'])}\) as "
+                             rf'arn:aws:sts::{member["id"]}:assumed-role/{ROLE}/'), '\n'.join(first.print_log)
+    points = [lp_tags(line)[1] for line in datakit.lines]
+    wanted = members['with-instances']
+    assert sorted(t['name'] for t in points if t.get('AccountId') == wanted['id']) == sorted(
+        wanted['instances']['us-east-1'] + wanted['instances']['us-west-2'])
+    assert {t.get('AccountName') for t in points if t.get('AccountId') == wanted['id']} == {wanted['name']}
+    assert first.threads_alive == [] and first.blocked_hosts == []
+
+    with aws.recording() as calls:
+        second = modules.run('my_aws__organization.run')
+    assert second.status == 'failure'            # the broken account, again, one line
+    assert [c['action'] for c in calls if c['service'] == 'sts'] == [], \
+        'the sessions of the members are kept in Func\'s Redis: no STS call'
