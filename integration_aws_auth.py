@@ -1400,6 +1400,66 @@ class CollectorAccount:
         raise AuthError("regions ['*']: the credentials work in no partition: " + '; '.join(errors))
 
 
+class AwsCollector:
+    """What every AWS collector shares: the account (CollectorAccount), its
+    extra_tags checked against the tags the collector sets itself, the
+    user's filters and after_collect, its state key, and what the Runner asks
+    about accounts. A subclass sets `name` (its state key's prefix and user
+    agent), `title`, `category`, `built_in_tags` and `validate_configs`."""
+
+    name = 'aws'
+    built_in_tags = ()
+    account_tags = ('AccountId', 'AccountName')     # an Organization's member accounts
+
+    def __init__(self, account, configs, filters, after_collect, cache=None, clock=None):
+        validate_account(account)           # the account's mistakes are reported first
+        self.configs = self.validate_configs(configs)
+        self.aws = CollectorAccount(account, self.configs['regions'], cache=cache, clock=clock,
+                                    label=self.title)
+        self.account = self.aws.account
+        self.regions = self.configs['regions']
+        self.extra_tags = self.account.get('extra_tags', {})
+        for key in self.extra_tags:
+            if key in self.built_in_tags + (self.account_tags if self.aws.organization else ()):
+                raise AccountConfigError(
+                    f"account['extra_tags'][{key!r}] would overwrite the tag the {self.title} "
+                    'collector sets itself: rename the key')
+        self.filters = core.check_filters(filters)
+        if after_collect is not None and not callable(after_collect):
+            raise core.ConfigError(
+                f'after_collect must be a function taking a point and returning it (or None), '
+                f'not {type(after_collect).__name__}')
+        self.after_collect = after_collect
+        self.results = []
+
+    def __repr__(self):
+        return f'<DataCollector {self.name} method={auth_method(self.account)} regions={self.regions}>'
+
+    @property
+    def state_key(self):
+        """Which collection this is, for the Runner's "collected recently"
+        record: everything that changes its output (never a secret)."""
+        who = {k: v for k, v in self.account.items() if k not in SECRET_KEYS}
+        return f'{self.name}:' + core.fingerprint(who, self.configs, self.filters, self.after_collect)
+
+    def identity(self):
+        """The account in use (method, account id, ARN, partition): one sts call,
+        already under way in the background when start() ran."""
+        return self.aws.identity()
+
+    def use_freshness(self, fresh):
+        return self.aws.use_freshness(fresh)
+
+    def accounts(self):
+        return self.aws.accounts()
+
+    def collected_accounts(self):
+        return self.aws.collected_accounts(self.results)
+
+    def _client_config(self):
+        return client_config(self.configs, f'integration_{self.name}')
+
+
 def check_accounts(aws, config, service, probe, explain):
     """The rows of `integration-runner check` for a collector: for each
     account (an Organization's members, or the one account) and region,

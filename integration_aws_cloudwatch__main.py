@@ -113,54 +113,31 @@ DEFAULT_DIMENSIONS = {
     'AWS/ElastiCache': ('CacheClusterId',), 'AWS/S3': None, 'AWS/ES': None,
 }
 BUILT_IN_TAGS = ('RegionId', 'cloud_provider')
-ACCOUNT_TAGS = ('AccountId', 'AccountName')     # an Organization's member accounts
 
 
-class DataCollector:
-    """One account's CloudWatch metrics in the configured regions."""
+class DataCollector(auth.AwsCollector):
+    """One account's CloudWatch metrics in the configured regions (an
+    Organization's: every member account's)."""
 
     title = 'AWS CloudWatch'
     category = 'metric'
     min_interval = core.MIN_INTERVAL['metric']
 
+    name = 'aws_cloudwatch'
+    built_in_tags = BUILT_IN_TAGS
+
     def __init__(self, account, configs=None, filters=None, after_collect=None, *,
                  cache=None, clock=None, now=time.time):
-        auth.validate_account(account)      # the account's mistakes are reported first
-        self.configs = validate_configs(configs)
-        self.aws = auth.CollectorAccount(account, self.configs['regions'], cache=cache, clock=clock,
-                                         label=self.title)
-        self.account = self.aws.account
-        self.extra_tags = self.account.get('extra_tags', {})
-        for key in self.extra_tags:
-            if key in BUILT_IN_TAGS + (ACCOUNT_TAGS if self.aws.organization else ()):
-                raise auth.AccountConfigError(
-                    f"account['extra_tags'][{key!r}] would overwrite the tag the CloudWatch "
-                    'collector sets itself: rename the key')
-        self.regions = self.configs['regions']
+        super().__init__(account, configs, filters, after_collect, cache=cache, clock=clock)
         self.targets = self.configs['targets']
-        self.filters = core.check_filters(filters)
-        if after_collect is not None and not callable(after_collect):
-            raise core.ConfigError(
-                f'after_collect must be a function taking a point and returning it (or None), '
-                f'not {type(after_collect).__name__}')
-        self.after_collect = after_collect
         self.cache = cache
         self.now = now
         self.objects = {}
-        self.results = []
         self._run = None
 
-    def __repr__(self):
-        return (f'<DataCollector cloudwatch method={auth.auth_method(self.account)} '
-                f'regions={self.regions}>')
-
-    @property
-    def state_key(self):
-        """Which collection this is: everything that changes its output."""
-        who = [self.account.get(k) for k in ('ak_id', 'assume_role_arn', 'external_id',
-                                              'role_session_name', 'serial_number')]
-        return 'aws_cloudwatch:' + core.fingerprint(
-            who, self.regions, self.configs, self.extra_tags, self.filters, self.after_collect)
+    @staticmethod
+    def validate_configs(configs):
+        return validate_configs(configs)
 
     @property
     def link_namespaces(self):
@@ -173,18 +150,6 @@ class DataCollector:
         """The Runner hands over {object name: tags} of the object collectors
         that ran before (or their last run's, kept between runs)."""
         self.objects = objects or {}
-
-    def identity(self):
-        return self.aws.identity()
-
-    def use_freshness(self, fresh):
-        return self.aws.use_freshness(fresh)
-
-    def accounts(self):
-        return self.aws.accounts()
-
-    def collected_accounts(self):
-        return self.aws.collected_accounts(self.results)
 
     def start(self):
         """Begin: the identity call and each region's discovery, in the background."""
@@ -254,9 +219,6 @@ class DataCollector:
         return auth.check_accounts(
             self.aws, self._client_config(), 'cloudwatch', probe,
             lambda error, region: explain_error(error, 'cloudwatch:ListMetrics/GetMetricData'))
-
-    def _client_config(self):
-        return auth.client_config(self.configs, 'integration_aws_cloudwatch')
 
     def cache_store(self):
         """Where discovery and the written buckets are kept: DFF.CACHE (inside

@@ -76,7 +76,6 @@ MAX_CONCURRENCY = 32
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
-ACCOUNT_TAGS = ('AccountId', 'AccountName')     # an Organization's member accounts
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
 # Extra hints for the region errors users meet most.
@@ -90,64 +89,27 @@ ERROR_HINTS = {
 }
 
 
-class DataCollector:
-    """One account's EC2 instances in the configured regions."""
+class DataCollector(auth.AwsCollector):
+    """One account's EC2 instances in the configured regions (an
+    Organization's: every member account's)."""
 
     title = 'AWS EC2'
     category = 'custom_object'
     min_interval = core.MIN_INTERVAL['custom_object']
 
+    name = 'aws_ec2'
+    built_in_tags = BUILT_IN_TAGS
+
     def __init__(self, account, configs=None, filters=None, after_collect=None, *,
                  cache=None, clock=None):
-        auth.validate_account(account)      # the account's mistakes are reported first
-        self.configs = validate_configs(configs)
-        self.aws = auth.CollectorAccount(account, self.configs['regions'], cache=cache, clock=clock,
-                                         label=self.title)
-        self.account = self.aws.account
-        self.extra_tags = self.account.get('extra_tags', {})
-        for key in self.extra_tags:
-            if key in BUILT_IN_TAGS + (ACCOUNT_TAGS if self.aws.organization else ()):
-                raise auth.AccountConfigError(
-                    f"account['extra_tags'][{key!r}] would overwrite the tag the EC2 collector "
-                    'sets itself: rename the key')
-        self.regions = self.configs['regions']
-        self.filters = core.check_filters(filters)
-        if after_collect is not None and not callable(after_collect):
-            raise core.ConfigError(
-                f'after_collect must be a function taking a point and returning it (or None), '
-                f'not {type(after_collect).__name__}')
-        self.after_collect = after_collect
-        self.results = []
+        super().__init__(account, configs, filters, after_collect, cache=cache, clock=clock)
         self._run = None
 
-    def __repr__(self):
-        return (f'<DataCollector aws_ec2 method={auth.auth_method(self.account)} '
-                f'regions={self.regions}>')
-
-    @property
-    def state_key(self):
-        """Which collection this is, for the Runner's "collected recently"
-        record: everything that changes its output (never a secret)."""
-        who = [self.account.get(k) for k in ('ak_id', 'assume_role_arn', 'external_id',
-                                              'role_session_name', 'serial_number')]
-        return 'aws_ec2:' + core.fingerprint(who, self.regions, self.configs, self.extra_tags,
-                                             self.filters, self.after_collect)
+    @staticmethod
+    def validate_configs(configs):
+        return validate_configs(configs)
 
     # -- what the Runner calls -------------------------------------------------
-
-    def identity(self):
-        """The account in use (method, account id, ARN, partition): one sts call,
-        already under way in the background when start() ran."""
-        return self.aws.identity()
-
-    def use_freshness(self, fresh):
-        return self.aws.use_freshness(fresh)
-
-    def accounts(self):
-        return self.aws.accounts()
-
-    def collected_accounts(self):
-        return self.aws.collected_accounts(self.results)
 
     def start(self):
         """Begin collecting in the background: the Runner calls this before
@@ -233,9 +195,6 @@ class DataCollector:
         return auth.check_accounts(self.aws, self._client_config(), 'ec2', probe, explain_error)
 
     # -- collection ----------------------------------------------------------
-
-    def _client_config(self):
-        return auth.client_config(self.configs, 'integration_aws_ec2')
 
     def _fetch_region(self, client, result, run):
         """Worker: one region's pages, in order, onto the queue."""
