@@ -223,7 +223,7 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     return session
 
 
-def member_session(management, account, member_id, cache=None, clock=None):
+def member_session(management, account, member_id, cache=None, clock=None, watch=None):
     """A boto3 Session in the member account `member_id` of an Organization:
     account['member_role_name'] assumed there (ExternalId
     account['member_external_id'], RoleSessionName account['role_session_name'])
@@ -245,6 +245,7 @@ def member_session(management, account, member_id, cache=None, clock=None):
     fetcher = _TemporaryCredentialFetcher(
         member, bs, region, 'member_role', cache=cache if cache is not None else _default_cache(),
         clock=clock or _utcnow, binding=binding)
+    fetcher.watch = watch
     bs._credentials = fetcher.refreshable_credentials()
     session = boto3.session.Session(botocore_session=bs, region_name=region)
     session.integration_binding = _Binding(('member', member_id, base.key), base.seal_keys, None, True)
@@ -301,12 +302,13 @@ def describe_identity(session, account=None, region=None, cache=None, client=Non
     return result
 
 
-def sdk_setting_given(name):
+def sdk_setting_given(name, bs=None):
     """Whether the user set botocore's configuration variable `name` (e.g.
     'max_attempts' through AWS_MAX_ATTEMPTS or `max_attempts` in the config
     file's profile), so that a collector's own default gives way to it: SDK
-    settings are honoured, never overridden. botocore's defaults do not count."""
-    bs = botocore.session.Session()
+    settings are honoured, never overridden. botocore's defaults do not count.
+    `bs`: a botocore session to read them from (making one costs ~5 ms)."""
+    bs = bs or botocore.session.Session()
     config_name, env_names = bs.session_var_map[name][:2]
     if isinstance(env_names, str):
         env_names = [env_names]
@@ -554,8 +556,11 @@ def new_botocore_session():
 
 def fast_timestamp(value):
     """botocore's timestamp parser goes through dateutil (about 0.5 ms each, half
-    of parsing an EC2 instance); AWS sends ISO-8601, which the standard library
-    parses in microseconds. Anything else goes to botocore's parser."""
+    of parsing an EC2 instance); AWS sends ISO-8601 (query and XML protocols)
+    or epoch seconds (JSON and CBOR: CloudWatch on botocore 1.38+), which the
+    standard library reads in microseconds. Anything else goes to botocore's."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
     try:
         parsed = datetime.datetime.fromisoformat(value.replace('Z', '+00:00'))
         if parsed.tzinfo is not None:
@@ -713,6 +718,7 @@ class _TemporaryCredentialFetcher:
         self.codes_key = (CODES_KEY_PREFIX + _hash(base, account['serial_number'])
                           if 'serial_number' in account else None)
         self.duration_key = DURATION_KEY_PREFIX + _hash(role) if role else None
+        self.watch = None           # a Cancellation's watch(), for STS clients
         self.from_cache = False     # whether the last fetch served a cached session
         self.refused = None         # why AWS refused the cached session, when it did
         self.probed = None          # the role duration reached by stepping down
@@ -839,12 +845,15 @@ class _TemporaryCredentialFetcher:
     def _sts_client(self):
         if self.base_credentials is not None:
             frozen = self.base_credentials.get_frozen_credentials()
-            return self.bs.create_client(
+            client = self.bs.create_client(
                 'sts', region_name=self.region, aws_access_key_id=frozen.access_key,
                 aws_secret_access_key=frozen.secret_key, aws_session_token=frozen.token)
-        return self.bs.create_client(
-            'sts', region_name=self.region, aws_access_key_id=self.account['ak_id'],
-            aws_secret_access_key=self.account['ak_secret'])
+        else:
+            client = self.bs.create_client(
+                'sts', region_name=self.region, aws_access_key_id=self.account['ak_id'],
+                aws_secret_access_key=self.account['ak_secret'])
+        # A member role's STS calls end with the run that makes them.
+        return self.watch(client) if self.watch else client
 
     def _call_sts(self):
         acc = self.account
@@ -1190,10 +1199,13 @@ def client_config(configs, user_agent):
     first included: botocore's total_max_attempts (its Config's own
     'max_attempts' counts retries)."""
     retries = {}
+    bs = None
     for key, option in (('retry_mode', 'mode'), ('max_attempts', 'total_max_attempts')):
         if key in configs:
             retries[option] = configs[key]
-        elif not sdk_setting_given(key):
+            continue
+        bs = bs or botocore.session.Session()
+        if not sdk_setting_given(key, bs):
             retries[option] = RETRY_DEFAULTS[key]
     return Config(retries=retries, connect_timeout=10, read_timeout=60,
                   user_agent_extra=user_agent)
@@ -1231,6 +1243,7 @@ class CollectorAccount:
         self._pending_identity = None
         self._identity_lock = threading.Lock()
         self.fresh = None           # the Runner's skip rule (use_freshness)
+        self._watch = None          # a Cancellation's watch() for the member roles' STS clients
         self.collected = []         # the Members of the last members() call
 
     def session(self):
@@ -1329,6 +1342,8 @@ class CollectorAccount:
         if not self.organization:
             self.collected = [Member(None, None, self.session())]
             return self.collected
+        # The member roles' STS calls stop with the run, like every other call.
+        self._watch = cancellation.watch
         management = self.identity()
         listed = self.account.get('member_accounts')
         found = [(a, None, 'ACTIVE') for a in listed] if listed else self._list_accounts(cancellation)
@@ -1361,7 +1376,7 @@ class CollectorAccount:
 
     def _open_member(self, member):
         member.session = member_session(self.session(), self.account, member.account_id,
-                                        cache=self.cache, clock=self.clock)
+                                        cache=self.cache, clock=self.clock, watch=self._watch)
         member.identity = member_identity(self.account, member.account_id, self.partition)
         return member
 

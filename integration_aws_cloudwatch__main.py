@@ -64,6 +64,7 @@ import re
 import threading
 import time
 
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 import integration_core__runner as core
@@ -133,6 +134,7 @@ class DataCollector(auth.AwsCollector):
         self.cache = cache
         self.now = now
         self.objects = {}
+        self._records = []          # what commit() saves
         self._run = None
 
     @staticmethod
@@ -155,30 +157,31 @@ class DataCollector(auth.AwsCollector):
         """Begin: the identity call and each region's discovery, in the background."""
         if self._run is not None:
             return
-        stop = core.Cancellation()
         config = self._client_config()
-        self.aws.start_identity(stop, config)
+        # A GetMetricData request is 500 queries we built ourselves: botocore's
+        # validation of them was a quarter of the collection's CPU.
+        metrics_config = config.merge(Config(parameter_validation=False))
         pool = core.Workers(self.configs['concurrency'], 'cloudwatch')
-        try:
-            regions = self.aws.resolve_regions(config)
-            members = self.aws.members(stop, pool, self.aws.fresh)
-        except Exception:
-            stop.cancel()
-            pool.stop(core.STOP_GRACE)
-            raise
+        run = {'out': queue.Queue(), 'stop': core.Cancellation(), 'pool': pool, 'regions': []}
+        # From here on cancel() ends it all, however start() itself ends
+        # (Func's timeout included, which no `except Exception` sees).
+        self._run = run
+        stop = run['stop']
+        self.aws.start_identity(stop, config)
+        regions = self.aws.resolve_regions(config)
+        members = self.aws.members(stop, pool, self.aws.fresh)
         work = [(m, r) for m in members if m.session for r in regions]
         self.results = [_new_result(r, m if self.aws.organization else None) for m, r in work]
-        run = {'out': queue.Queue(), 'stop': stop, 'pool': pool, 'regions': []}
-        self._run = run
         for (member, region), result in zip(work, self.results):
-            client = stop.watch(member.session.client('cloudwatch', region_name=region, config=config))
+            client = stop.watch(member.session.client('cloudwatch', region_name=region,
+                                                      config=metrics_config))
             run['regions'].append(_Region(self, member, client, result, run))
             pool.submit(run['regions'][-1].discover)
 
     def collect(self):
         """Yield points as each GetMetricData call's answer arrives; fill
-        self.results. A region's record of written buckets is saved once all
-        its points were handed to the Runner."""
+        self.results. Which buckets were written is saved by commit(), once
+        the Runner has delivered (or spooled) the points."""
         self.start()
         run, self._run = self._run, None
         try:
@@ -190,9 +193,19 @@ class DataCollector(auth.AwsCollector):
                 else:
                     pending -= 1
                     region.finish()
+                    if region.window is not None:
+                        self._records.append(region.save_state)
         finally:
             run['stop'].cancel()
             run['pool'].stop(core.STOP_GRACE)
+
+    def commit(self):
+        """The Runner delivered (or spooled) every point collect() yielded: now
+        record which buckets each series has written. Not before: a run cut
+        short (Func's timeout) or a debug run must leave them to be read again."""
+        records, self._records = self._records, []
+        for save in records:
+            save()
 
     def cancel(self):
         run, self._run = self._run, None
@@ -272,8 +285,6 @@ class _Region:
     def finish(self):
         """Main thread, after every point of the region was yielded."""
         self.result['seconds'] = round(time.monotonic() - self.started, 3)
-        if self.window is not None:
-            self._save_state()
         self.result['buckets'] = len(self.result['buckets'])
         self.result['messages'] = sorted(self.result['messages'])
         self.result['summary'] = _summary(self.result)
@@ -419,7 +430,7 @@ class _Region:
             self.masks.update(masks)
         return out
 
-    def _save_state(self):
+    def save_state(self):
         """The record of written buckets, re-based to this window's end. A
         series this run did not answer for (a failed call) keeps its old bits."""
         configs = self.collector.configs

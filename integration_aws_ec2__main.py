@@ -116,39 +116,35 @@ class DataCollector(auth.AwsCollector):
         identity(), so the identity call overlaps the regions' first pages."""
         if self._run is not None:
             return
-        stop = core.Cancellation()
         config = self._client_config()
-        # Its network wait overlaps the making of the region clients below.
-        self.aws.start_identity(stop, config)
-        pool = None
-        try:
-            regions = self.aws.resolve_regions(config)
-            pool = core.Workers(self.configs.get('concurrency') or (
-                MAX_CONCURRENCY if self.aws.organization else min(MAX_CONCURRENCY, len(regions))), 'ec2')
-            # One pool for every (account, region): member roles are assumed on it too.
-            members = self.aws.members(stop, pool, self.aws.fresh)
-        except Exception:
-            stop.cancel()
-            if pool is not None:
-                pool.stop(core.STOP_GRACE)
-            raise
-        work = [(m, r) for m in members if m.session for r in regions]
-        self.results = [_new_result(r, m if self.aws.organization else None) for m, r in work]
-        workers = pool.size
+        several = self.aws.organization or self.regions == ['*']
+        # One pool for every (account, region): member roles are assumed on it too.
+        pool = core.Workers(self.configs.get('concurrency') or (
+            MAX_CONCURRENCY if several else min(MAX_CONCURRENCY, len(self.regions))), 'ec2')
         run = {
             'timestamp': time.time_ns(),
-            'regions': self.results,
+            'regions': [],
             'pages': queue.Queue(),
             # A parsed page of 1000 instances is tens of MB: at most one parsed
             # page per worker exists at a time, whatever the estate's size. A
             # worker waits only while its last page is turned into points, which
             # holds the GIL anyway.
-            'slots': threading.Semaphore(workers),
-            'stop': stop,
+            'slots': threading.Semaphore(pool.size),
+            'stop': core.Cancellation(),
             'pool': pool,
             'gc': _relax_gc(),
         }
+        # From here on cancel() ends it all, however start() itself ends
+        # (Func's timeout included, which no `except Exception` sees).
         self._run = run
+        stop = run['stop']
+        # Its network wait overlaps the making of the region clients below.
+        self.aws.start_identity(stop, config)
+        regions = self.aws.resolve_regions(config)
+        members = self.aws.members(stop, pool, self.aws.fresh)
+        work = [(m, r) for m in members if m.session for r in regions]
+        self.results = run['regions'] = [_new_result(r, m if self.aws.organization else None)
+                                         for m, r in work]
         for (member, region), result in zip(work, self.results):
             # Clients come from the account's session (not thread-safe to
             # create), each region starting as soon as its client exists.

@@ -244,6 +244,10 @@ class Runner:
             # suspended: close it now so its threads stop, not at GC time.
             getattr(points, 'close', lambda: None)()
             cancel()
+        # Every point it yielded is delivered, spooled or dead-lettered: the
+        # collector may now record what it has written (never in debug).
+        if delivery is not None:
+            getattr(collector, 'commit', lambda: None)()
         for region in getattr(collector, 'results', []):
             status['regions'].append(region)
             where = _where(region)
@@ -1461,6 +1465,15 @@ class Workers:
             func(*args)
 
     def stop(self, timeout):
+        """Drop the tasks not yet started (a map() waiting on them gets an
+        error, never a hang), end the threads, wait up to `timeout`."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None and task[0] is _settle and not task[1][0].done():
+                task[1][0].set_exception(Cancelled('the run ended before this was done'))
         for _ in self._threads:
             self._tasks.put(None)
         deadline = time.monotonic() + timeout

@@ -386,3 +386,38 @@ def test_the_combined_script_runs_and_check_covers_its_permissions(aws, seed_est
         text = f.read()
     assert "fixed_crontab='*/5 * * * *'" in text and text.index('aws_ec2.DataCollector') < text.index(
         'aws_cloudwatch.DataCollector')
+
+
+# -- what is recorded as written is what was delivered ------------------------------
+
+def test_a_debug_run_leaves_the_buckets_to_the_next_run(aws, user, estate, sink):
+    account = account_of(user)
+    collector = cw.DataCollector(account, {'regions': ['us-east-1']}, now=lambda: NOW)
+    summary = core.Runner(collector, debug=True, force=True).run()
+    assert summary['points_collected'] > 0 and sink.points == []
+    run_at(account, NOW)
+    written = by_series(p for p in sink.metrics() if p['tags']['InstanceId'] in estate)
+    assert (estate[0], 'CPUUtilization', END - PERIOD) in written
+
+
+def test_a_run_cut_short_by_its_timeout_loses_no_bucket(aws, user, estate, sink, monkeypatch):
+    """us-east-1 answers, us-west-2 hangs until the 3 s timeout: us-east-1's
+    points were never delivered, so the next run must write them."""
+    import integration_local.cli as local_cli
+    from servers import FaultProxy
+    hanging = FaultProxy(aws.url, lambda r: ('delay', 20) if r['region'] == 'us-west-2'
+                         and r['service'] == 'monitoring' else None)
+    try:
+        monkeypatch.setenv('AWS_ENDPOINT_URL', hanging.url)
+        account = account_of(user)
+        collector = cw.DataCollector(account, {'regions': ['us-east-1', 'us-west-2']}, now=lambda: NOW)
+        api = {'title': 'metrics', 'name': 'run', 'timeout': 3,
+               'func': lambda: core.Runner(collector, force=True).run()}
+        assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+    finally:
+        hanging.stop()
+    monkeypatch.setenv('AWS_ENDPOINT_URL', aws.url)
+    run_at(account, NOW)
+    written = by_series(p for p in sink.metrics() if p['tags']['InstanceId'] in estate)
+    assert {(i, t) for i, m, t in written if m == 'CPUUtilization'} == {
+        (i, END - b * PERIOD) for i in estate for b in (1, 2, 3)}
