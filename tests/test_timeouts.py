@@ -102,3 +102,41 @@ def test_an_account_that_fails_while_regions_hang_ends_in_seconds(user, receiver
 
 def _our_threads():
     return [t.name for t in threading.enumerate() if t.name.startswith('integration-') and t.is_alive()]
+
+
+@pytest.mark.parametrize('hanging', ['every STS call', 'AssumeRole'])
+@pytest.mark.parametrize('collector_module', ['ec2', 'cloudwatch'])
+def test_a_timeout_while_member_roles_are_assumed_leaves_nothing_behind(aws, user, receiver, blackhole,
+                                                                        monkeypatch, collector_module,
+                                                                        hanging):
+    """start() itself is cut short (the identity hangs, or the 20 member roles
+    hang on a pool of 2): its pool and threads end with the run."""
+    import integration_aws_cloudwatch__main as cw
+    from servers import FaultProxy
+    slow = FaultProxy(aws.url, lambda r: ('delay', 30) if r['action'] == 'AssumeRole' else None)
+    try:
+        if hanging == 'AssumeRole':
+            monkeypatch.setenv('AWS_ENDPOINT_URL', slow.url)
+        else:
+            monkeypatch.setenv('AWS_ENDPOINT_URL_STS', blackhole.url)
+        local_runtime.install(local_runtime.LocalDFF(datakit_url=receiver.url))
+        account = {'ak_id': user['ak_id'], 'ak_secret': user['ak_secret'], 'member_role_name': 'reader',
+                   'member_accounts': [f'{100000000000 + n}' for n in range(20)]}
+        module = ec2 if collector_module == 'ec2' else cw
+        collector = module.DataCollector(account, {'regions': ['us-east-1'], 'concurrency': 2})
+        api = {'title': 'org', 'name': 'run', 'timeout': 2,
+               'func': lambda: core.Runner(collector, force=True).run()}
+        started = time.monotonic()
+        assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+        assert time.monotonic() - started < 2 + 1.5
+        deadline = time.monotonic() + core.STOP_GRACE + 1
+        while time.monotonic() < deadline and _our_threads():
+            time.sleep(0.05)
+        assert not _our_threads()
+        seen = lambda: len(blackhole.requests) + len([r for r in slow.seen if r['action'] == 'AssumeRole'])  # noqa: E731
+        calls = seen()
+        assert calls >= 1
+        time.sleep(2)
+        assert seen() == calls, 'a thread went on calling STS'
+    finally:
+        slow.stop()
