@@ -94,11 +94,13 @@ class DataKitError(Exception):
         'points'    400 (DataKit's "invalid point") or 413 (body too large):
                     these points; halving the batch finds the ones to keep aside.
         'transient' unreachable, 408, 429 or 5xx: try again later.
-        'config'    any other answer (401, 403, 404, 405, a 3xx, ...): the URL,
-                    the token or the connector is wrong; no point is at fault."""
+        'config'    any other answer (401, 403, 404, 405, a 3xx, ...), and a 400
+                    that is a web page rather than DataKit's JSON (a proxy's
+                    "plain HTTP request sent to an HTTPS port"): the URL, the
+                    token or the connector is wrong; no point is at fault."""
         if self.status is None or self.status in (408, 429) or self.status >= 500:
             return 'transient'
-        if self.status in (400, 413):
+        if self.status in (400, 413) and not str(self.body or '').lstrip().startswith('<'):
             return 'points'
         return 'config'
 
@@ -158,6 +160,11 @@ class Runner:
     def _run(self, dff):
         started = time.monotonic()
         connector = dff.SRC(self.datakit_id)
+        # Where points go: Func's connector by its id; the local runtime's also
+        # by its URL, so that the skip record of one DataKit never stands for
+        # another's.
+        target = getattr(connector, 'target', None)
+        self._target = [self.datakit_id] + ([target] if target else [])
         delivery = None if self.debug else Delivery(connector, self.datakit_id)
         LOG.info('[Runner] DataKit connector: %s (%s)%s', self.datakit_id,
                  getattr(connector, 'target', 'Func connector'),
@@ -167,9 +174,10 @@ class Runner:
         summary = {'points_written': 0, 'points_collected': 0, 'collectors': []}
         force = self.force if self.force is not None else force_requested(dff)
         links = ObjectLinks(self.collectors, dff)
+        started_at = self._started_at()
         for number, collector in enumerate(self.collectors, 1):
             summary['collectors'].append(
-                self._run_collector(number, collector, dff, delivery, force, links))
+                self._run_collector(number, collector, dff, delivery, force, links, started_at))
         if delivery:
             summary['points_written'] = delivery.written
             summary['points_spooled'] = delivery.spooled
@@ -185,16 +193,26 @@ class Runner:
             raise RunFailed('; '.join(failures), summary)
         return summary
 
-    def _run_collector(self, number, collector, dff, delivery, force, links):
+    def _started_at(self):
+        """When this run counts as started for the skip rule: the tick it was
+        scheduled for (Func's trigger time, or `serve`'s), so that neither
+        queueing before the task nor the collectors before this one make the
+        next tick look early; else the clock."""
+        trigger = globals().get('_DFF_TRIGGER_TIME') or _RUNTIME.get('trigger_time')
+        if self.clock is time.time and isinstance(trigger, (int, float)) and trigger > 0:
+            return float(trigger)
+        return self.clock()
+
+    def _run_collector(self, number, collector, dff, delivery, force, links, started_at):
         label = f'[#{number} {collector.title}]'
         status = {'number': number, 'title': collector.title, 'points': 0,
                   'status': 'ok', 'error': None, 'regions': [], 'identity': None}
         # Everything that changes what is written: the collector's own key
         # (account, regions, options, tags, hooks) and where it is written.
         state_key = (f'integration_core:last_success:{collector.state_key}:'
-                     f'{fingerprint(self.datakit_id)}')
+                     f'{fingerprint(*self._target)}')
         interval = getattr(collector, 'min_interval', MIN_INTERVAL.get(collector.category, 0))
-        fresh = Freshness(dff, state_key, interval, self.clock(), always=self.debug or force)
+        fresh = Freshness(dff, state_key, interval, started_at, always=self.debug or force)
         # A collector of several accounts keeps the rule per account itself.
         per_account = callable(getattr(collector, 'use_freshness', None))
         skipped = collector.use_freshness(fresh) if per_account else fresh.skip_reason()
@@ -1234,9 +1252,17 @@ def force_requested(dff):
 
 
 def _truthy(value):
+    """As Func reads a typed environment variable: text 1/true/yes/on, a
+    positive number, True, or a list whose first item is one of these."""
     if isinstance(value, str):
         return value.strip().lower() in ('1', 'true', 'yes', 'on')
-    return value is not None and bool(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value > 0
+    if isinstance(value, (list, tuple)):
+        return bool(value) and _truthy(value[0])
+    return False
 
 
 def state_dir():
@@ -1601,6 +1627,12 @@ def task_log():
 if __name__ == '__main__':
     # `python -m integration_core__runner ...`: the local runtime's command
     # line. (Inside Func __name__ is the script id, so this never runs there.)
+    # `-m` puts the current folder first on sys.path, where a startup script
+    # named like a library module (org.py, which `copy` probes for; secrets.py)
+    # would replace that module: take it off, as integration-runner has it.
     import sys
+    here = os.path.abspath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
     from integration_local.cli import main
     sys.exit(main())

@@ -336,9 +336,10 @@ class Scheduler:
                 now = self.clock()
                 self._reap()
                 for api in self.apis:
-                    if now >= self.next_fire[api['name']]:
+                    due = self.next_fire[api['name']]
+                    if now >= due:
                         self.next_fire[api['name']] = self._next(api, now)
-                        self._fire(api, now)
+                        self._fire(api, due)      # the tick it was scheduled for
                 self.stop.wait(self.tick)
         finally:
             self._drain()
@@ -375,7 +376,7 @@ class Scheduler:
             self.history.append((name, 'skipped'))
             return
         proc = multiprocessing.get_context('fork').Process(
-            target=_child_run, args=(api, self.verbose), daemon=True)
+            target=_child_run, args=(api, self.verbose, now), daemon=True)
         proc.start()
         # A duration, so measured on the monotonic clock, not the schedule's.
         self.running[name] = (proc, time.monotonic() + api['timeout'])
@@ -396,12 +397,14 @@ class Scheduler:
                 del self.running[name]
 
 
-def _child_run(api, verbose):
+def _child_run(api, verbose, trigger_time=None):
     # A Ctrl-C or a systemd stop reaches the whole process group. The running
     # job ignores it and finishes within the parent's grace period; the parent
     # kills it if it is still running then.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The tick this run was scheduled for, as Func passes its trigger time.
+    _RUNTIME['trigger_time'] = trigger_time
     sys.exit(run_api(api, verbose))
 
 

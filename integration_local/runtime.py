@@ -44,6 +44,18 @@ SOURCE = 'dataflux-func-integration'
 CACHE_VALUE_TYPES = (str, int, float)
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a 301/302/303 of a POST as a GET without the body: the
+    points would be lost while the run said "written". A redirect is an answer
+    like any other 3xx: the URL is not DataKit's (a configuration error)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
 def install(dff):
     """Make `dff` the DFF that Runner.run() uses outside Func."""
     core._RUNTIME['dff'] = dff
@@ -230,7 +242,7 @@ class DataKitClient:
             request = urllib.request.Request(url, data=body, headers=headers, method='POST')
             retry_after = None
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                with _NO_REDIRECTS.open(request, timeout=self.timeout) as resp:
                     return resp.status, resp.read().decode('utf-8', 'replace')
             except urllib.error.HTTPError as e:
                 text = e.read().decode('utf-8', 'replace')[:2000]

@@ -42,7 +42,8 @@ class _Server:
 
 class DataKitReceiver(_Server):
     """Answers like DataKit. `script` is a list of responses used one per
-    request, then 200s: an int status, ('slow', seconds), or 'close'."""
+    request, then 200s: an int status, ('slow', seconds), 'close', or
+    ('raw', status, body[, headers]) for an answer that is not DataKit's."""
 
     def __init__(self, script=None):
         self.script = list(script or [])
@@ -83,6 +84,8 @@ class DataKitReceiver(_Server):
                             url.query, keep_blank_values=True)), dict(self.headers), text.splitlines()))
                         outer.bodies.append(text)
                     return self._reply(200, b'{}')
+                if isinstance(action, tuple) and action[0] == 'raw':      # ('raw', status, body, headers)
+                    return self._reply(action[1], action[2].encode(), action[3] if len(action) > 3 else {})
                 if action == 400:
                     return self._reply(400, json.dumps({'error_code': 'datakit.invalidLinePoint',
                                                         'message': 'invalid field'}).encode())
