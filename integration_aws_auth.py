@@ -154,6 +154,13 @@ SESSION_KEY_PREFIX = 'integration_aws_auth:session:'
 CODES_KEY_PREFIX = 'integration_aws_auth:mfa-codes:'
 DURATION_KEY_PREFIX = 'integration_aws_auth:role-duration:'
 IDENTITY_KEY_PREFIX = 'integration_aws_auth:identity:'
+# A collector's call answered so: the session itself is refused, not the action.
+REFUSED_AT_USE_CODES = ('ExpiredToken', 'ExpiredTokenException', 'InvalidClientTokenId',
+                        'InvalidToken', 'AuthFailure', 'UnrecognizedClientException',
+                        'RequestExpired')
+# STS answers that refuse the caller's keys before anything else is judged.
+UNSIGNED_CODES = ('SignatureDoesNotMatch', 'InvalidClientTokenId', 'IncompleteSignature',
+                  'UnrecognizedClientException')
 # A cached session is shown to AWS at most this often (see _check_cached).
 VERIFY_INTERVAL = 3600
 VERIFIED_SUFFIX = ':verified'
@@ -195,6 +202,7 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     bs = new_botocore_session()
     bs.set_config_variable('region', region)
     method = auth_method(account)
+    forget = None       # drops a kept temporary session (CollectorAccount.forget_refused)
     if method == 'access_key':
         bs.set_credentials(account['ak_id'], account['ak_secret'])
         binding = _Binding(('keys', account['ak_id'], _keyed_digest(account['ak_secret'])),
@@ -206,11 +214,13 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
             clock=clock or _utcnow)
         bs._credentials = fetcher.refreshable_credentials()
         binding = fetcher.binding
+        forget = fetcher.forget
     else:
         frozen = _require_default_chain(bs).get_frozen_credentials()
         binding = _Binding(('chain', frozen.access_key, _keyed_digest(frozen.secret_key)),
                            _seal_keys(frozen.secret_key), None, bool(frozen.token))
     session = boto3.session.Session(botocore_session=bs, region_name=region)
+    session.integration_forget = forget
     # What a member account's session (member_session) is bound to: the base
     # credentials behind this one, never the secret itself.
     session.integration_binding = _Binding(
@@ -249,6 +259,7 @@ def member_session(management, account, member_id, cache=None, clock=None, watch
     bs._credentials = fetcher.refreshable_credentials()
     session = boto3.session.Session(botocore_session=bs, region_name=region)
     session.integration_binding = _Binding(('member', member_id, base.key), base.seal_keys, None, True)
+    session.integration_forget = fetcher.forget
     return session
 
 
@@ -822,6 +833,15 @@ class _TemporaryCredentialFetcher:
         self._mark_checked()
         return record
 
+    def forget(self):
+        """Drop the kept session (AWS refused it during collection): the next
+        run starts a new one instead of using it until its check is due."""
+        for key in (self.cache_key, self.cache_key + VERIFIED_SUFFIX):
+            try:
+                self.cache.delete(key)
+            except Exception as e:
+                LOG.warning('[AWS auth] cannot drop the refused session: %s', type(e).__name__)
+
     def _checked_recently(self):
         """Whether AWS took this session within VERIFY_INTERVAL: the record
         holds when, so a planted or everlasting entry cannot switch the check
@@ -871,7 +891,13 @@ class _TemporaryCredentialFetcher:
             kwargs['DurationSeconds'] = acc.get('duration_seconds', SESSION_TOKEN_DEFAULT_DURATION)
             return sts.get_session_token(**kwargs)['Credentials']
         except ClientError as e:
-            raise AuthError(self._explain(describe_client_error(e, action))) from None
+            line = describe_client_error(e, action)
+            if e.response.get('Error', {}).get('Code') in UNSIGNED_CODES:
+                # AWS refused the keys themselves (a wrong ak_secret, a revoked
+                # key): it judged no MFA code, so the code is still unused.
+                self._forget_code()
+                raise AuthError(line + "; check account['ak_id'] and account['ak_secret']") from None
+            raise AuthError(self._explain(line)) from None
         except (EndpointConnectionError, ConnectTimeoutError) as e:
             # The request never reached AWS, so the MFA code was not consumed.
             self._forget_code()
@@ -1331,6 +1357,24 @@ class CollectorAccount:
         if not self.organization:
             return [] if failed else ['']
         return [m.account_id for m in self.collected if m.session and m.account_id not in failed]
+
+    def forget_refused(self, results):
+        """A kept session AWS refused on every region it was used in (expired
+        or revoked early: ExpiredToken, InvalidClientTokenId, AuthFailure ...)
+        is dropped, so the next run starts a new one. One region's refusal is
+        not enough: an opt-in region not enabled also answers AuthFailure."""
+        by_account = {}
+        for result in results:
+            by_account.setdefault(result.get('account'), []).append(result)
+        for member in self.collected:
+            mine = by_account.get(member.account_id if self.organization else None, [])
+            forget = getattr(member.session, 'integration_forget', None)
+            if forget and mine and all(r.get('refused') for r in mine):
+                LOG.warning('[%s] AWS refused the kept session%s in every region (%s): dropped; '
+                            'the next run starts a new one', self.label,
+                            f' of account {member.account_id}' if member.account_id else '',
+                            mine[0]['refused'])
+                forget()
 
     def members(self, cancellation, pool, fresh=None):
         """The accounts to collect, each a Member with a session or the one line

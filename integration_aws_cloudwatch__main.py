@@ -198,6 +198,7 @@ class DataCollector(auth.AwsCollector):
         finally:
             run['stop'].cancel()
             run['pool'].stop(core.STOP_GRACE)
+        self.aws.forget_refused(self.results)
 
     def commit(self):
         """The Runner delivered (or spooled) every point collect() yielded: now
@@ -473,6 +474,8 @@ class _Region:
             resp = getattr(self.client, operation)(**params)
         except ClientError as e:
             self._count(name, e.response.get('ResponseMetadata', {}))
+            if e.response.get('Error', {}).get('Code') in auth.REFUSED_AT_USE_CODES:
+                self.result['refused'] = e.response['Error']['Code']
             raise
         self._count(name, resp['ResponseMetadata'])
         return resp

@@ -173,6 +173,7 @@ class DataCollector(auth.AwsCollector):
                 points = None
         finally:
             _finish(run)
+        self.aws.forget_refused(self.results)
 
     def cancel(self):
         """Stop a started collection (the account failed as a whole)."""
@@ -216,6 +217,9 @@ class DataCollector(auth.AwsCollector):
         except (ClientError, BotoCoreError, auth.AuthError) as e:
             if isinstance(e, ClientError):
                 result['api_calls'] += 1 + e.response.get('ResponseMetadata', {}).get('RetryAttempts', 0)
+                code = e.response.get('Error', {}).get('Code')
+                if code in auth.REFUSED_AT_USE_CODES:
+                    result['refused'] = code
             result['error'] = explain_error(e, result['region'])
         except Exception as e:  # a bug must still be reported, not lost in a thread
             result['error'] = ('stopped: the run ended before this region was collected'

@@ -1173,3 +1173,52 @@ def test_max_attempts_of_a_throttled_request(emulator, user, monkeypatch, tmp_pa
         proxy.stop()
     assert not result['ok'] and 'RequestLimitExceeded' in result['reason']
     assert len([r for r in proxy.seen if r['action'] == 'DescribeInstances']) == attempts
+
+
+def test_a_wrong_secret_with_mfa_does_not_spend_the_code(aws, user):
+    """AWS refuses the signature before it judges the code: the line names the
+    keys, not the code, and the same code works once the secret is fixed."""
+    role = make_role(aws, user)
+    good = mfa_account(aws, user, role)
+    wrong = dict(good, ak_secret='x' * 40)
+    with pytest.raises(auth.AuthError) as info:
+        identity(wrong)
+    line = str(info.value)
+    assert "check account['ak_id'] and account['ak_secret']" in line
+    assert 'has now been used' not in line and 'fresh code' not in line
+    assert wrong['ak_secret'] not in line and good['token_code'] not in line
+    with aws.recording() as calls:
+        identity(good)
+    (assume,) = sts_calls(calls, 'AssumeRole')
+    assert assume['params']['TokenCode'] == good['token_code']
+
+
+
+def test_a_kept_session_refused_in_every_region_is_dropped(aws, user, caplog, monkeypatch):
+    """Revoked early, a kept role session is refused by every region
+    (AuthFailure) although its hourly check is not due: it is dropped, and the
+    next run starts a new one instead of failing for up to an hour."""
+    import integration_aws_ec2__main as ec2
+    import integration_local.runtime as local_runtime
+    from servers import FaultProxy, ec2_error
+    caplog.set_level('INFO', logger='integration')
+    role = make_role(aws, user)
+    account = account_of(user, assume_role_arn=role)
+    local_runtime.install(local_runtime.LocalDFF(output=local_runtime.LineProtocolWriter(
+        open(os.devnull, 'w'), 'null')))
+    regions = {'regions': ['us-east-1', 'us-west-2']}
+    core.Runner(ec2.DataCollector(account, regions), force=True).run()
+    refusing = FaultProxy(aws.url, lambda r: ('status', 401, ec2_error(
+        'AuthFailure', 'AWS was not able to validate the provided access credentials'))
+        if r['service'] == 'ec2' else None)
+    try:
+        monkeypatch.setenv('AWS_ENDPOINT_URL', refusing.url)
+        with pytest.raises(core.RunFailed):
+            core.Runner(ec2.DataCollector(account, regions), force=True).run()
+    finally:
+        refusing.stop()
+    assert 'AWS refused the kept session in every region (AuthFailure): dropped' in caplog.text
+    monkeypatch.setenv('AWS_ENDPOINT_URL', aws.url)
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, regions), force=True).run()
+    assert [c['action'] for c in sts_calls(calls)].count('AssumeRole') == 1
