@@ -168,7 +168,7 @@ def prepare(func_src):
 
 def build_estate(aws):
     """As tests/functier's seed_estate: a user, a role with an ExternalId, instances."""
-    from demo_emulator import USER_POLICY
+    from integration_local.emulator import USER_POLICY
     stamp = f'{os.getpid()}-{int(time.time())}'
     aws.run_instances(REGION, 3, name=f'seed-bench-{stamp}')
     user = aws.make_user(f'collector-bench-{stamp}', 'aws-cn', policy=USER_POLICY)
@@ -182,7 +182,7 @@ def build_estate(aws):
 
 
 def startup_code(filename, values):
-    from demo_emulator import fill_placeholders
+    from integration_local.emulator import fill_placeholders
     with open(os.path.join(ROOT, 'scripts', filename), encoding='utf-8') as f:
         return fill_placeholders(f.read(), values)
 
@@ -365,7 +365,7 @@ def main():
     print('bench_func: preparing the Python 3.8 venv (tests/functier/setup.sh) ...', file=sys.stderr)
     prepare(func_src)
 
-    from demo_emulator import AwsEmulator
+    from integration_local.emulator import AwsEmulator
     from servers import DataKitReceiver
     aws = AwsEmulator().start()
     receiver = func = None

@@ -414,10 +414,10 @@ def _fmt_epoch(value):
 
 def _cmd_demo(args):
     try:
-        import demo_emulator
+        from integration_local import emulator
     except ImportError as e:
         raise ConfigError(f'the demo needs the emulator: pip install ".[demo]" ({e})') from None
-    return demo_emulator.run_demo(verbose=args.verbose)
+    return emulator.run_demo(verbose=args.verbose)
 
 
 if __name__ == '__main__':

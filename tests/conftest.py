@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
-from demo_emulator import AwsEmulator, USER_POLICY  # noqa: E402
+from integration_local.emulator import AwsEmulator, USER_POLICY  # noqa: E402
 
 IN_CI = os.environ.get('CI', '').lower() == 'true'
 
@@ -146,7 +146,7 @@ def seed_estate(aws, monkeypatch):
     """What the seed's four startup scripts need, in aws-cn: a user, a role with
     an ExternalId, an MFA device, an instance role behind a test IMDS, and
     instances in cn-northwest-1. Returns the placeholder values."""
-    from demo_emulator import ImdsServer
+    from integration_local.emulator import ImdsServer
     ids = aws.run_instances('cn-northwest-1', 3, name=unique('seed'))
     user = aws.make_user(unique('collector'), 'aws-cn', policy=USER_POLICY)
     external_id = unique('ext')
@@ -169,7 +169,7 @@ def seed_estate(aws, monkeypatch):
 @pytest.fixture
 def write_script(tmp_path):
     """Write a startup script (from scripts/ with placeholders filled, or text)."""
-    from demo_emulator import fill_placeholders
+    from integration_local.emulator import fill_placeholders
 
     def write(name_or_text, values=None, filename=None):
         path = os.path.join(ROOT, 'scripts', name_or_text)

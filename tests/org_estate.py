@@ -8,7 +8,7 @@ import re
 import urllib.parse
 
 from conftest import unique
-from demo_emulator import READ_POLICY, USER_POLICY
+from integration_local.emulator import READ_POLICY, USER_POLICY
 from servers import FaultProxy
 
 ROLE = 'org-reader'

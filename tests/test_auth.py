@@ -21,7 +21,7 @@ import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 from integration_local.runtime import FileCache
 from conftest import account_of, sts_calls, unique
-from demo_emulator import ImdsServer, USER_POLICY
+from integration_local.emulator import ImdsServer, USER_POLICY
 from servers import FaultProxy, ec2_error
 
 UTC = datetime.timezone.utc

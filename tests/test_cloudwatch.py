@@ -13,7 +13,7 @@ import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 import integration_local.runtime as local_runtime
 from conftest import ROOT, USER_POLICY, account_of, unique
-from demo_emulator import ImdsServer
+from integration_local.emulator import ImdsServer
 from fake_cloudwatch import FakeCloudWatch, ec2_estate, expected_value
 from servers import DataKitReceiver
 
@@ -360,7 +360,7 @@ def cli(*args):
 
 
 def test_the_combined_script_runs_and_check_covers_its_permissions(aws, seed_estate, write_script):
-    from demo_emulator import put_demo_metrics
+    from integration_local.emulator import put_demo_metrics
     put_demo_metrics(aws, 'cn-northwest-1', seed_estate['ids'])
     path = write_script('5_ec2_with_metrics.py', seed_estate)
     receiver = DataKitReceiver()

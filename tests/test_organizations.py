@@ -14,7 +14,7 @@ import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 import integration_local.runtime as local_runtime
 from conftest import account_of, unique
-from demo_emulator import READ_POLICY
+from integration_local.emulator import READ_POLICY
 from org_estate import EXTERNAL_ID, ORG_POLICY, REGIONS, ROLE, member_creds
 
 class Sink:
@@ -111,6 +111,8 @@ def test_an_account_created_between_runs_is_picked_up(aws, org, sink, emulator):
             ImageId='ami-12c6146b', MinCount=1, MaxCount=1)['Instances'][0]['InstanceId']
     finally:
         emulator.enforce()
+    # The session's Organization has it now: later tests (and the proxy) know its role.
+    org['roles'][f"arn:aws:iam::{new['AccountId']}:role/{ROLE}"] = None
     org['proxy'].roles[f"arn:aws:iam::{new['AccountId']}:role/{ROLE}"] = None
     sink.points.clear()
     core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()

@@ -493,7 +493,7 @@ def test_siblings_beside_the_script_are_found_by_script_id(seed_estate, tmp_path
     """Modules saved beside the script under their Func script ids (as a user
     copies them out of Func) are what the script imports."""
     from paste_table import paste_table
-    from demo_emulator import fill_placeholders
+    from integration_local.emulator import fill_placeholders
     folder = tmp_path / 'scripts'
     folder.mkdir()
     for name, script_id in paste_table().items():

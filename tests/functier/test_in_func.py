@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from demo_emulator import fill_placeholders
+from integration_local.emulator import fill_placeholders
 from .harness import ROOT, free_port, skip_tier_if_func_missing
 from paste_table import paste_table
 from servers import DataKitReceiver, FaultProxy
@@ -535,7 +535,7 @@ def metric_points(lines):
 
 
 def test_combined_script_links_metrics_to_objects_across_two_tasks(modules, seed_estate, aws, datakit):
-    from demo_emulator import put_demo_metrics
+    from integration_local.emulator import put_demo_metrics
     put_demo_metrics(aws, REGION, seed_estate['ids'])         # an hour, a datapoint a minute
     point_worker_at(modules, aws)
     script_id = 'my_aws__ec2_with_metrics'

@@ -264,7 +264,7 @@ class ImdsServer:
 # --------------------------------------------------------------------------
 
 DEMO_REGIONS = {'cn-northwest-1': 3, 'cn-north-1': 2}
-SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'scripts')
+SCRIPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts')
 SCRIPTS = [
     ('1. IAM user keys', '1_iam_user.py'),
     ('2. IAM user assumes a role (STS)', '2_assume_role.py'),
