@@ -8,7 +8,6 @@ import datetime
 import importlib.util
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import pytest
 import integration_core__runner as core
 import integration_local.runtime as local_runtime
 from conftest import ROOT, outside_material
-from influx import Influx
 from servers import DataKitReceiver
 from test_runner import FakeCollector
 
@@ -43,13 +41,6 @@ def receiver():
     server.stop()
 
 
-@pytest.fixture(scope='module')
-def influx():
-    if not shutil.which('influxd'):
-        pytest.fail("influxd is missing: ./run-tests.sh installs Debian's influxdb")
-    server = Influx()
-    yield server
-    server.stop()
 
 
 def func_datakit_class():

@@ -2,7 +2,6 @@
 the local runtime's command line."""
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -15,19 +14,11 @@ import integration_core__runner as core
 import integration_local.cli as local_cli
 import integration_local.runtime as local_runtime
 from conftest import ROOT, outside_material
-from influx import Influx
 from servers import DataKitReceiver
 
 
 # -- line protocol through a real InfluxDB 1.x ------------------------------------
 
-@pytest.fixture(scope='session')
-def influx():
-    if not shutil.which('influxd'):
-        pytest.fail('influxd is missing: ./run-tests.sh installs Debian\'s influxdb')
-    server = Influx()
-    yield server
-    server.stop()
 
 
 HOSTILE = [
