@@ -1271,6 +1271,7 @@ class CollectorAccount:
         self.fresh = None           # the Runner's skip rule (use_freshness)
         self._watch = None          # a Cancellation's watch() for the member roles' STS clients
         self.collected = []         # the Members of the last members() call
+        self.only = None            # account ids a second round is limited to
 
     def session(self):
         if self._session is None:
@@ -1361,8 +1362,11 @@ class CollectorAccount:
     def forget_refused(self, results):
         """A kept session AWS refused on every region it was used in (expired
         or revoked early: ExpiredToken, InvalidClientTokenId, AuthFailure ...)
-        is dropped, so the next run starts a new one. One region's refusal is
-        not enough: an opt-in region not enabled also answers AuthFailure."""
+        is dropped; the collector then collects those accounts once more with
+        a new one (AwsCollector.collect). One region's refusal is not enough:
+        an opt-in region not enabled also answers AuthFailure. Returns the
+        Members whose session was dropped."""
+        dropped = []
         by_account = {}
         for result in results:
             by_account.setdefault(result.get('account'), []).append(result)
@@ -1371,10 +1375,14 @@ class CollectorAccount:
             forget = getattr(member.session, 'integration_forget', None)
             if forget and mine and all(r.get('refused') for r in mine):
                 LOG.warning('[%s] AWS refused the kept session%s in every region (%s): dropped; '
-                            'the next run starts a new one', self.label,
+                            'collecting once more with a new one', self.label,
                             f' of account {member.account_id}' if member.account_id else '',
                             mine[0]['refused'])
                 forget()
+                dropped.append(member)
+        if dropped and not self.organization:
+            self._session = None        # the next session() starts a new one
+        return dropped
 
     def members(self, cancellation, pool, fresh=None):
         """The accounts to collect, each a Member with a session or the one line
@@ -1391,6 +1399,8 @@ class CollectorAccount:
         management = self.identity()
         listed = self.account.get('member_accounts')
         found = [(a, None, 'ACTIVE') for a in listed] if listed else self._list_accounts(cancellation)
+        if self.only is not None:       # a second round for the accounts named
+            found = [f for f in found if f[0] in self.only]
         excluded = set(self.account.get('exclude_accounts', ()))
         out, due = [], []
         for account_id, name, status in found:
@@ -1505,6 +1515,24 @@ class AwsCollector:
         """The account in use (method, account id, ARN, partition): one sts call,
         already under way in the background when start() ran."""
         return self.aws.identity()
+
+    def collect(self):
+        """The subclass's _collect(); then, for an account whose kept session
+        AWS refused in every region (revoked before its hourly check), that
+        session is dropped and the account collected once more with a new one
+        (with MFA that needs a fresh code: the line says so)."""
+        yield from self._collect()
+        dropped = self.aws.forget_refused(self.results)
+        if not dropped:
+            return
+        first = self.results
+        again = {m.account_id for m in dropped}
+        self.aws.only = {a for a in again if a is not None}
+        try:
+            yield from self._collect()
+        finally:
+            self.aws.only = None
+        self.results = [r for r in first if r.get('account') not in again] + self.results
 
     def use_freshness(self, fresh):
         return self.aws.use_freshness(fresh)

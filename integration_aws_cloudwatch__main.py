@@ -178,7 +178,7 @@ class DataCollector(auth.AwsCollector):
             run['regions'].append(_Region(self, member, client, result, run))
             pool.submit(run['regions'][-1].discover)
 
-    def collect(self):
+    def _collect(self):
         """Yield points as each GetMetricData call's answer arrives; fill
         self.results. Which buckets were written is saved by commit(), once
         the Runner has delivered (or spooled) the points."""
@@ -198,7 +198,6 @@ class DataCollector(auth.AwsCollector):
         finally:
             run['stop'].cancel()
             run['pool'].stop(core.STOP_GRACE)
-        self.aws.forget_refused(self.results)
 
     def commit(self):
         """The Runner delivered (or spooled) every point collect() yielded: now

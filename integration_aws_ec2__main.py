@@ -151,7 +151,7 @@ class DataCollector(auth.AwsCollector):
             client = stop.watch(member.session.client('ec2', region_name=region, config=config))
             pool.submit(self._fetch_region, client, result, run)
 
-    def collect(self):
+    def _collect(self):
         """Yield points page by page, regions in parallel; fill self.results."""
         self.start()
         run, self._run = self._run, None
@@ -173,7 +173,6 @@ class DataCollector(auth.AwsCollector):
                 points = None
         finally:
             _finish(run)
-        self.aws.forget_refused(self.results)
 
     def cancel(self):
         """Stop a started collection (the account failed as a whole)."""

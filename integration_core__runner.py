@@ -40,6 +40,7 @@ Environment (the process's only)
 import base64
 import contextlib
 import datetime
+import decimal
 import fcntl
 import hashlib
 import json
@@ -1165,7 +1166,11 @@ def _lp_field(key, value):
         if not math.isfinite(value):
             raise ValueError(f'field {key!r} is {value}: line protocol has no NaN or infinity')
         return repr(value)
-    if not isinstance(value, str):
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        value = value.isoformat()       # a time as text, not as a JSON string in quotes
+    elif isinstance(value, decimal.Decimal) and value.is_finite():
+        return repr(float(value))
+    elif not isinstance(value, str):
         value = json.dumps(value, ensure_ascii=False, default=str)
     return '"' + value.replace('\\', '\\\\').replace('"', '\\"') + '"'
 

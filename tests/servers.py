@@ -134,7 +134,9 @@ class FaultProxy(_Server):
                 body = self.rfile.read(int(self.headers.get('Content-Length', 0) or 0))
                 scope = _SCOPE_RE.search(self.headers.get('Authorization', ''))
                 params = dict(urllib.parse.parse_qsl(body.decode('utf-8', 'replace'))) if body else {}
+                key = re.search(r'Credential=([A-Z0-9]+)/', self.headers.get('Authorization', ''))
                 request = {'method': self.command, 'path': self.path, 'body': body,
+                           'access_key': key.group(1) if key else None,
                            'region': scope.group(1) if scope else None,
                            'service': scope.group(2) if scope else None,
                            'action': params.get('Action')}

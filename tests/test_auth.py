@@ -1194,31 +1194,34 @@ def test_a_wrong_secret_with_mfa_does_not_spend_the_code(aws, user):
 
 
 
-def test_a_kept_session_refused_in_every_region_is_dropped(aws, user, caplog, monkeypatch):
+def test_a_kept_session_refused_in_every_region_is_replaced_in_the_same_run(aws, user, caplog,
+                                                                          monkeypatch):
     """Revoked early, a kept role session is refused by every region
-    (AuthFailure) although its hourly check is not due: it is dropped, and the
-    next run starts a new one instead of failing for up to an hour."""
+    (AuthFailure) although its hourly check is not due: it is dropped and the
+    run collects once more with a new session, which AWS takes."""
     import integration_aws_ec2__main as ec2
     import integration_local.runtime as local_runtime
     from servers import FaultProxy, ec2_error
     caplog.set_level('INFO', logger='integration')
     role = make_role(aws, user)
     account = account_of(user, assume_role_arn=role)
-    local_runtime.install(local_runtime.LocalDFF(output=local_runtime.LineProtocolWriter(
-        open(os.devnull, 'w'), 'null')))
+    sink = local_runtime.LineProtocolWriter(open(os.devnull, 'w'), 'null')
+    local_runtime.install(local_runtime.LocalDFF(output=sink))
     regions = {'regions': ['us-east-1', 'us-west-2']}
-    core.Runner(ec2.DataCollector(account, regions), force=True).run()
-    refusing = FaultProxy(aws.url, lambda r: ('status', 401, ec2_error(
-        'AuthFailure', 'AWS was not able to validate the provided access credentials'))
-        if r['service'] == 'ec2' else None)
-    try:
-        monkeypatch.setenv('AWS_ENDPOINT_URL', refusing.url)
-        with pytest.raises(core.RunFailed):
-            core.Runner(ec2.DataCollector(account, regions), force=True).run()
-    finally:
-        refusing.stop()
-    assert 'AWS refused the kept session in every region (AuthFailure): dropped' in caplog.text
-    monkeypatch.setenv('AWS_ENDPOINT_URL', aws.url)
     with aws.recording() as calls:
         core.Runner(ec2.DataCollector(account, regions), force=True).run()
-    assert [c['action'] for c in sts_calls(calls)].count('AssumeRole') == 1
+    (old_key,) = {c['access_key'] for c in calls if c['service'] == 'ec2'}
+    refusing = FaultProxy(aws.url, lambda r: ('status', 401, ec2_error(
+        'AuthFailure', 'AWS was not able to validate the provided access credentials'))
+        if r['service'] == 'ec2' and r['access_key'] == old_key else None)
+    try:
+        monkeypatch.setenv('AWS_ENDPOINT_URL', refusing.url)
+        summary = core.Runner(ec2.DataCollector(account, regions), force=True).run()
+    finally:
+        refusing.stop()
+    assert 'AWS refused the kept session in every region (AuthFailure): dropped; collecting once ' \
+        'more with a new one' in caplog.text
+    assert [r['action'] for r in refusing.seen if r['service'] == 'sts'] == ['AssumeRole']
+    assert summary['ok'] and [r['error'] for r in summary['collectors'][0]['regions']] == [None, None]
+    assert {r['access_key'] for r in refusing.seen if r['service'] == 'ec2'} - {old_key}, \
+        'the second round used the new session'

@@ -89,3 +89,15 @@ def test_the_skip_record_is_per_datakit_url():
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_time_field_is_text_and_a_decimal_a_number_through_influxdb(influx):
+    import datetime
+    import decimal
+    point = {'measurement': 'typed', 'tags': {'name': 'i-typed'}, 'timestamp': 1700000000000000000,
+             'fields': {'seen': datetime.datetime(2021, 10, 26, 7, 0, 44, tzinfo=datetime.timezone.utc),
+                        'ratio': decimal.Decimal('1.5')}}
+    status, error = influx.write(core.to_line_protocol(point))
+    assert status == 204, error
+    (row,) = influx.rows('typed')
+    assert row['seen'] == '2021-10-26T07:00:44+00:00' and row['ratio'] == 1.5
