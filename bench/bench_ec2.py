@@ -519,8 +519,9 @@ def main():
         scenarios = []
         for text in args.scenario:
             regions, per_region, ms = text.split(',')
-            scenarios.append((f'{int(regions)} regions x {int(per_region):,}, {float(ms):g} ms',
-                              int(regions), int(per_region), float(ms) / 1000))
+            regions, per_region = int(regions), int(per_region)
+            scenarios.append((f"{regions} region{'s' if regions != 1 else ''} x {per_region:,}, "
+                              f'{float(ms):g} ms', regions, per_region, float(ms) / 1000))
     if args.only:
         scenarios = [s for s in scenarios if args.only in s[0]]
     codes = {}
