@@ -27,7 +27,10 @@ class Blackhole:
 
     def _hold(self, conn):
         buffer = b''
-        conn.settimeout(0.2)
+        try:
+            conn.settimeout(0.2)
+        except OSError:             # stop() closed it first
+            return
         while not self._stopped.is_set():
             try:
                 chunk = conn.recv(65536)
