@@ -141,11 +141,6 @@ class DataCollector(auth.AwsCollector):
     def validate_configs(configs):
         return validate_configs(configs)
 
-    @property
-    def link_namespaces(self):
-        """The namespaces whose series name an object, by dimension."""
-        return {t['namespace']: t['link'] for t in self.targets if t['link']}
-
     # -- what the Runner calls -------------------------------------------------
 
     def link_objects(self, objects):
@@ -293,7 +288,7 @@ class _Region:
 
     def _series(self):
         cache, key = self._cache(), self._key('series')
-        cached = core.unpack_json(_cache_get(cache, key))
+        cached = core.unpack_json(core.cache_get(cache, key))
         if isinstance(cached, list):
             self.result['discovery'] = 'cached'
             return [_Series(*row) for row in cached]
@@ -545,7 +540,7 @@ def _shift(mask, last_end, end, period):
 
 
 def _load_state(cache, key, period):
-    state = core.unpack_json(_cache_get(cache, key))
+    state = core.unpack_json(core.cache_get(cache, key))
     valid = (isinstance(state, dict) and state.get('period') == period
              and isinstance(state.get('end'), int) and isinstance(state.get('written'), dict)
              and all(isinstance(m, int) for m in state['written'].values()))
@@ -706,14 +701,6 @@ def _link_dimension(targets, namespace):
 
 def _epoch(stamp):
     return int(stamp.timestamp()) if hasattr(stamp, 'timestamp') else int(stamp)
-
-
-def _cache_get(cache, key):
-    try:
-        return cache.get(key)
-    except Exception as e:
-        LOG.warning('[AWS CloudWatch] cannot read the cache: %s', core.first_line(e))
-        return None
 
 
 def _new_result(region, member=None):

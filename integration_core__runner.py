@@ -374,7 +374,7 @@ class ObjectLinks:
         if collector not in self.linkers:
             return
         if not self.fresh and self.sources:
-            cached = unpack_json(_cache_get(self.dff, self.key))
+            cached = unpack_json(cache_get(self.dff.CACHE, self.key))
             self.objects = _unpack_objects(cached)
         collector.link_objects(dict(self.objects))
 
@@ -412,9 +412,11 @@ def _unpack_objects(packed):
         return {}
 
 
-def _cache_get(dff, key):
+def cache_get(cache, key):
+    """cache.get(key), or None when the cache cannot be read (Redis away, a
+    damaged file): a broken cache costs a refetch, never the run."""
     try:
-        return dff.CACHE.get(key)
+        return cache.get(key)
     except Exception as e:
         LOG.warning('[Runner] cannot read the cache: %s', _one_line(e))
         return None

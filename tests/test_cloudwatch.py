@@ -375,8 +375,8 @@ def test_the_combined_script_runs_and_check_covers_its_permissions(aws, seed_est
     assert {i for i in seed_estate['ids'] if any(f'name={i}' in line for line in objects)} == set(seed_estate['ids'])
     for instance_id in seed_estate['ids']:
         mine = [line for line in metrics if f'InstanceId={instance_id}' in line]
-        assert mine and all('InstanceName=seed-' in line and 'CPUUtilization_Average=' in line
-                            or 'NetworkIn_Average=' in line for line in mine)
+        assert mine and all('InstanceName=seed-' in line and (
+            'CPUUtilization_Average=' in line or 'NetworkIn_Average=' in line) for line in mine)
     assert '[#2 AWS CloudWatch] cn-northwest-1:' in result.stdout
     checked = cli('check', path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
