@@ -620,3 +620,18 @@ def test_an_organization_in_one_task_then_without_sts(modules, org, aws, datakit
     assert second.status == 'failure'            # the broken account, again, one line
     assert [c['action'] for c in calls if c['service'] == 'sts'] == [], \
         'the sessions of the members are kept in Func\'s Redis: no STS call'
+
+
+def test_our_xml_parser_reads_as_funcs_botocore_does(func_worker):
+    """Under Func's Python and botocore (not the test venv's): our sessions'
+    XML parser and botocore's own give the same dicts, key order included, for
+    generated answers of every EC2 Describe, STS, IAM and CloudWatch query
+    operation (tests/xml_responses.py)."""
+    import subprocess
+    done = subprocess.run([func_worker.python, os.path.join(ROOT, 'tests', 'xml_responses.py')],
+                          capture_output=True, text=True, timeout=300,
+                          env={'PATH': os.environ.get('PATH', ''), 'PYTHONDONTWRITEBYTECODE': '1'})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith('botocore 1.37.'), done.stdout
+    counts = json.loads(done.stdout.split('parsed alike: ', 1)[1].replace("'", '"'))
+    assert counts['ec2'] > 300 and min(counts.values()) > 10, counts

@@ -1,0 +1,105 @@
+"""The XML response parser of our sessions (auth.FastXMLStructures) against
+botocore's own: the same dicts, in the same key order (the `message` field of
+an EC2 object is the instance's JSON), for
+
+  - generated responses of every output shape of EC2's Describe operations,
+    STS, IAM and CloudWatch's query models: every member present or absent at
+    random, elements in shuffled order, empty elements, text to escape,
+    namespaced or not;
+  - shapes it leaves to botocore (XML attributes, flattened lists and maps,
+    two members under one element name);
+  - real answers of moto's server through a client of our sessions.
+"""
+import datetime
+import random
+
+import botocore.model
+import botocore.parsers
+import pytest
+
+import integration_aws_auth as auth
+from xml_responses import (NAMESPACE, SERVICES, assert_same, check_service, output_shapes, parse_both,
+                           response_xml)
+
+
+@pytest.mark.parametrize('service, prefix, protocol', SERVICES)
+def test_generated_responses_parse_as_botocore_does(service, prefix, protocol):
+    assert check_service(service, prefix, protocol) > (300 if service == 'ec2' else 10)
+
+
+def test_a_second_parse_uses_the_plans_and_agrees():
+    shape = dict(output_shapes('ec2', 'DescribeInstances'))['DescribeInstances']
+    rng = random.Random(7)
+    bodies = [response_xml(shape, rng) for _ in range(20)]
+    for body in bodies + bodies:
+        assert_same(*parse_both(shape, body))
+
+
+def test_timestamps_and_numbers_are_typed_as_botocore_types_them():
+    shape = dict(output_shapes('ec2', 'DescribeInstances'))['DescribeInstances']
+    body = (f'<DescribeInstancesResponse xmlns="{NAMESPACE}"><reservationSet><item><instancesSet><item>'
+            '<instanceId>i-1</instanceId><launchTime>2026-11-29T10:00:00.000Z</launchTime>'
+            '<amiLaunchIndex>3</amiLaunchIndex><ebsOptimized>true</ebsOptimized>'
+            '<tagSet><item><key>Name</key><value/></item></tagSet><placement/>'
+            '</item></instancesSet></item></reservationSet></DescribeInstancesResponse>').encode()
+    stock, fast = parse_both(shape, body)
+    assert_same(stock, fast)
+    instance = fast['Reservations'][0]['Instances'][0]
+    assert instance['LaunchTime'] == datetime.datetime(2026, 11, 29, 10, tzinfo=datetime.timezone.utc)
+    assert instance['AmiLaunchIndex'] == 3 and instance['EbsOptimized'] is True
+    assert instance['Tags'] == [{'Key': 'Name', 'Value': ''}] and instance['Placement'] == {}
+
+
+def synthetic_shape(members, extra_shapes=None):
+    shapes = {'Out': {'type': 'structure', 'members': members},
+              'S': {'type': 'string'}, 'I': {'type': 'integer'},
+              'Flat': {'type': 'list', 'member': {'shape': 'S', 'locationName': 'Entry'}, 'flattened': True},
+              'FlatMap': {'type': 'map', 'key': {'shape': 'S'}, 'value': {'shape': 'I'}, 'flattened': True},
+              'Inner': {'type': 'structure', 'members': {'Id': {'shape': 'S', 'locationName': 'id'}}},
+              'Inners': {'type': 'list', 'member': {'shape': 'Inner', 'locationName': 'item'}}}
+    shapes.update(extra_shapes or {})
+    return botocore.model.ShapeResolver(shapes).get_shape_by_name('Out')
+
+
+@pytest.mark.parametrize('members, body', [
+    # A flattened list: repeated elements, in and out of order with others.
+    ({'Names': {'shape': 'Flat'}, 'Count': {'shape': 'I'}},
+     '<Entry>a</Entry><Count>2</Count><Entry>b</Entry>'),
+    # Left to botocore: an XML attribute, a flattened map, two members under one name.
+    ({'Kind': {'shape': 'S', 'locationName': 'kind', 'xmlAttribute': True}, 'Name': {'shape': 'S'}},
+     '<Name>n</Name>'),
+    ({'Counts': {'shape': 'FlatMap'}, 'Name': {'shape': 'S'}},
+     '<Counts><key>a</key><value>1</value></Counts><Counts><key>b</key><value>2</value></Counts><Name>x</Name>'),
+    ({'A': {'shape': 'S', 'locationName': 'x'}, 'B': {'shape': 'I', 'locationName': 'x'}},
+     '<x>1</x>'),
+    # A structure inside a list inside a structure, with an element the model does not know.
+    ({'Items': {'shape': 'Inners', 'locationName': 'itemSet'}, 'Name': {'shape': 'S'}},
+     '<Unknown><deep/></Unknown><itemSet><item><id>1</id><other>z</other></item><item/></itemSet><Name/>'),
+])
+def test_shapes_left_to_botocore_or_read_alike(members, body):
+    shape = synthetic_shape(members)
+    xml_body = f'<Response xmlns="{NAMESPACE}">{body}</Response>'.encode()
+    assert_same(*parse_both(shape, xml_body, 'query'))
+
+
+def test_sessions_use_the_fast_parser_and_answers_from_moto_match(aws, seed_estate):
+    """A client of our sessions parses moto's DescribeInstances as a stock botocore
+    client does, for an estate with tags, network interfaces and block devices."""
+    user = seed_estate['user']
+    session = auth.get_session({'ak_id': user['ak_id'], 'ak_secret': user['ak_secret']},
+                               region='cn-northwest-1')
+    factory = session._session.get_component('response_parser_factory')
+    assert isinstance(factory.create_parser('ec2'), auth.FastEC2QueryParser)
+    assert type(factory.create_parser('json')) is botocore.parsers.JSONParser
+    bodies = []
+    ours = session.client('ec2', region_name='cn-northwest-1')
+    ours.meta.events.register('before-parse.ec2.DescribeInstances',
+                              lambda response_dict, **_: bodies.append(response_dict['body']))
+    parsed = ours.describe_instances()
+    assert parsed['Reservations'], 'the seeded estate has instances'
+    shape = ours.meta.service_model.operation_model('DescribeInstances').output_shape
+    stock, fast = parse_both(shape, bodies[0])
+    assert_same(stock, fast)
+    parsed.pop('ResponseMetadata')
+    stock.pop('ResponseMetadata')
+    assert parsed == stock
