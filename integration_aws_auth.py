@@ -573,8 +573,11 @@ def new_botocore_session():
     with shared.lock:
         handlers = shared.data.get('handlers')
         if handlers is None:
-            handlers = shared.data['handlers'] = botocore.session.Session()._original_handler
-    bs = botocore.session.Session(event_hooks=copy.copy(handlers), include_builtin_handlers=False)
+            handlers = shared.data['handlers'] = _builtin_handlers()
+    if handlers is False:
+        bs = botocore.session.Session()
+    else:
+        bs = botocore.session.Session(event_hooks=copy.copy(handlers), include_builtin_handlers=False)
     with shared.lock:
         loader = shared.data.setdefault('loader', bs.get_component('data_loader'))
     bs.register_component('data_loader', loader)
@@ -582,6 +585,22 @@ def new_botocore_session():
     factory.set_parser_defaults(timestamp_parser=fast_timestamp)
     bs.register_component('response_parser_factory', factory)
     return bs
+
+
+def _builtin_handlers():
+    """botocore's built-in event handlers, as a session registers them, and
+    nothing else: not the handlers of botocore.register_initializer, which
+    every new session, ours included, runs itself (private botocore API, the
+    same from 1.37 to 1.44; False without it: sessions made as botocore does)."""
+    try:
+        from botocore.hooks import EventAliaser, HierarchicalEmitter
+        proto = botocore.session.Session.__new__(botocore.session.Session)
+        proto._original_handler = HierarchicalEmitter()
+        proto._events = EventAliaser(proto._original_handler)
+        proto._register_builtin_handlers(proto._events)
+        return proto._original_handler
+    except (ImportError, AttributeError, TypeError):
+        return False
 
 
 def fast_timestamp(value):
@@ -641,18 +660,19 @@ class FastXMLStructures:
             if member is None:
                 continue                    # an element the model does not know
             kind, name = member.kind, member.name
-            if kind == _TEXT:
-                if name not in parsed:
-                    text = child.text
-                    parsed[name] = '' if text is None else text
-            elif kind == _FLAT_LIST:
+            if kind == _FLAT_LIST:
                 items = parsed.get(name)
                 if items is not None:
                     items.append(self._read_value(member.item, child))
                     continue
                 parsed[name] = [self._read_value(member.item, child)]
             elif name in parsed:
-                continue                    # a repeated element: the first one counts
+                # A member's element twice, which AWS does not send: botocore's
+                # reading of it, whatever that gives.
+                return super()._handle_structure(plan.shape, node)
+            elif kind == _TEXT:
+                text = child.text
+                parsed[name] = '' if text is None else text
             elif kind == _LIST:
                 item = member.item
                 parsed[name] = [self._read_value(item, each) for each in child]
@@ -711,7 +731,8 @@ _PLAN_TAGS = 256            # element names remembered per shape (namespaces are
 class _XMLPlan:
     """How to read one structure shape: its members by element name."""
 
-    def __init__(self, by_name, order):
+    def __init__(self, shape, by_name, order):
+        self.shape = shape
         self.by_name = by_name          # local element name -> _XMLMember
         self.order = order              # member names in the shape's order
         self.by_tag = {}                # element tag as parsed ({namespace}name) -> _XMLMember
@@ -733,18 +754,21 @@ class _XMLMember:
 
 
 def _xml_plan(shape):
-    """The plan of a structure shape, made once per process from the model's
-    JSON (shared by every client's ServiceModel: see new_botocore_session);
-    None when FastXMLStructures leaves the shape to botocore."""
+    """The plan of a structure shape, made once per process (None when
+    FastXMLStructures leaves the shape to botocore). It is keyed by the shape's
+    `members` dict in the service model as loaded: every ServiceModel's copy
+    of the shape shares it (botocore copies a shape whose reference adds
+    traits, as the query protocol's resultWrapper does, for every client)."""
     model = getattr(shape, '_shape_model', None)
-    if model is None:
+    members = model.get('members') if isinstance(model, dict) else None
+    if members is None:
         return None
     plans = process_shared().data.setdefault('xml_plans.v1', {})   # .v1: the plans' format
-    entry = plans.get(id(model))
-    if entry is not None and entry[0] is model:
+    entry = plans.get(id(members))
+    if entry is not None and entry[0] is members:
         return entry[1]
     plan = _make_xml_plan(shape)
-    plans[id(model)] = (model, plan)        # the model kept alive: its id stays its own
+    plans[id(members)] = (members, plan)    # the dict kept alive: its id stays its own
     return plan
 
 
@@ -777,7 +801,7 @@ def _make_xml_plan(shape):
         order.append(name)
     if len(by_name) != len(order):
         return None                     # two members under one element name
-    return _XMLPlan(by_name, order)
+    return _XMLPlan(shape, by_name, order)
 
 
 def _value_kind(shape):

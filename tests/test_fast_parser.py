@@ -103,3 +103,57 @@ def test_sessions_use_the_fast_parser_and_answers_from_moto_match(aws, seed_esta
     parsed.pop('ResponseMetadata')
     stock.pop('ResponseMetadata')
     assert parsed == stock
+
+
+def test_a_repeated_element_is_read_as_botocore_reads_it():
+    """AWS does not repeat a member's element; if it did, botocore's reading
+    (whatever it gives) is kept, not a guess of ours."""
+    shape = dict(output_shapes('ec2', 'DescribeInstances'))['DescribeInstances']
+    body = (f'<DescribeInstancesResponse xmlns="{NAMESPACE}"><reservationSet><item><instancesSet><item>'
+            '<instanceId>i-1</instanceId><ebsOptimized>true</ebsOptimized><ebsOptimized>true</ebsOptimized>'
+            '<tagSet><item><key>a</key><value>1</value></item></tagSet><tagSet/>'
+            '</item></instancesSet></item></reservationSet></DescribeInstancesResponse>').encode()
+    stock, fast = parse_both(shape, body)
+    assert_same(stock, fast)
+    assert fast['Reservations'][0]['Instances'][0]['EbsOptimized'] is False     # botocore's reading
+
+
+def test_plans_are_made_once_per_shape_not_per_client():
+    """botocore copies a query protocol's output shape (its resultWrapper) for
+    every client: the plans stay one per shape however many clients parse."""
+    plans = auth.process_shared().data.setdefault('xml_plans.v1', {})
+    body = ('<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
+            '<GetCallerIdentityResult><Arn>arn:aws:iam::123456789012:user/u</Arn>'
+            '<UserId>AIDA</UserId><Account>123456789012</Account></GetCallerIdentityResult>'
+            '</GetCallerIdentityResponse>').encode()
+
+    def parse_with_a_new_model():
+        shape = auth.new_botocore_session().get_service_model('sts').operation_model(
+            'GetCallerIdentity').output_shape
+        return parse_both(shape, body, 'query')[1]
+
+    assert parse_with_a_new_model()['Account'] == '123456789012'
+    size = len(plans)
+    for _ in range(20):
+        assert parse_with_a_new_model()['Account'] == '123456789012'
+    assert len(plans) == size
+
+
+def test_botocore_initializers_run_once_on_our_sessions():
+    """botocore.register_initializer's handlers run once on each of our
+    sessions, as on botocore's, and not after unregister_initializer."""
+    import botocore
+    ran = []
+
+    def initializer(session):
+        session.register('custom-event.test', lambda **_: ran.append(1))
+
+    botocore.register_initializer(initializer)
+    try:
+        auth.new_botocore_session().get_component('event_emitter').emit('custom-event.test')
+        assert len(ran) == 1
+    finally:
+        botocore.unregister_initializer(initializer)
+    ran.clear()
+    auth.new_botocore_session().get_component('event_emitter').emit('custom-event.test')
+    assert ran == []

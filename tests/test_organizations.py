@@ -234,3 +234,39 @@ def test_a_bad_organization_key_is_one_line_before_any_call(aws, extra, expected
             ec2.DataCollector(account, {'regions': ['us-east-1']})
     assert expected in str(info.value) and '\n' not in str(info.value)
     assert calls == []
+
+
+def failure_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname in ('WARNING', 'ERROR')]
+
+
+def test_keys_aws_refuses_are_one_line_from_the_identity_call(aws, org, sink, caplog):
+    """The accounts are listed while the identity call runs; keys AWS refuses
+    still cost one line, the identity call's, and no member role is tried."""
+    caplog.set_level('INFO', logger='integration')
+    account = org_account(org)
+    account['ak_secret'] = 'y' * 40
+    with aws.recording() as calls:
+        with pytest.raises(core.RunFailed) as info:
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    lines = failure_lines(caplog)
+    assert len(lines) == 1 and 'FAILED: account: AuthError: sts:GetCallerIdentity: SignatureDoesNotMatch' in lines[0]
+    assert 'sts:GetCallerIdentity: SignatureDoesNotMatch' in str(info.value)
+    assert not [c for c in calls if c['action'] in ('AssumeRole', 'DescribeInstances')]
+    assert sink.points == []
+
+
+def test_keys_that_may_not_list_the_organization_are_one_line_saying_what_to_do(aws, org, sink, caplog):
+    caplog.set_level('INFO', logger='integration')
+    from integration_local.emulator import USER_POLICY
+    user = aws.make_user(unique('nolist'), 'aws', policy=USER_POLICY)
+    account = account_of(user, member_role_name=ROLE, member_external_id=EXTERNAL_ID)
+    with aws.recording() as calls:
+        with pytest.raises(core.RunFailed):
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    lines = failure_lines(caplog)
+    assert len(lines) == 1, lines
+    assert 'organizations:ListAccounts: AccessDenied' in lines[0]
+    assert "list the accounts in account['member_accounts'], or use the management account" in lines[0]
+    assert not [c for c in calls if c['action'] in ('AssumeRole', 'DescribeInstances')]
+    assert sink.points == []
