@@ -59,6 +59,7 @@ IAM permissions
     the role methods; sts:GetSessionToken for MFA without a role.
 """
 import base64
+import collections
 import copy
 import datetime
 import difflib
@@ -70,6 +71,7 @@ import os
 import re
 import sys
 import threading
+import time
 import types
 import urllib.error
 import urllib.request
@@ -551,7 +553,8 @@ def process_shared():
     loader (its parsed service models cost 0.1-0.3 s of CPU per session made
     from scratch) and the region tables. Func runs every module body again
     in every task, so module globals would not outlive a task; sys.modules
-    does. Nothing in it holds credentials or anything of one account."""
+    does. Nothing in it holds credentials or anything of one account (the
+    clients kept between runs hold none while kept: see keep_clients)."""
     shared = sys.modules.get(_SHARED_MODULE)
     if shared is None:
         module = types.ModuleType(_SHARED_MODULE, 'integration_aws_auth: per-process state')
@@ -559,6 +562,79 @@ def process_shared():
         module.data = {}
         shared = sys.modules.setdefault(_SHARED_MODULE, module)
     return shared
+
+
+# Clients kept between runs of one process (a Func worker runs the same
+# startup script every few minutes): at most KEPT_CLIENTS, none idle longer
+# than KEPT_CLIENT_IDLE seconds.
+KEPT_CLIENTS = 512
+KEPT_CLIENT_IDLE = 3600
+_PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'no_proxy', 'all_proxy')
+
+
+def take_client(session, service, region, config):
+    """A client of `session` (made by get_session or member_session) for
+    `service` in `region`: the one an earlier run of the same credentials
+    gave back (keep_clients), now signing with this session's credentials,
+    or else a new one. Making a client costs botocore 1.5-3 ms of CPU (its
+    event handlers copied, its endpoint and TLS context made), on the path
+    of every region's first request, and an Organization makes one per
+    account and region."""
+    key = _client_key(session, service, region, config)
+    client = None
+    if key is not None:
+        shared = process_shared()
+        with shared.lock:
+            entry = shared.data.get('kept_clients.v1', {}).pop(key, None)
+        if entry is not None:
+            client = entry[1]
+            client._request_signer._credentials = session._session.get_credentials()
+    if client is None:
+        client = session.client(service, region_name=region, config=config)
+    client._integration_key = key
+    return client
+
+
+def keep_clients(clients):
+    """Give back clients of take_client whose run is over, every thread of
+    it ended: the next run of the same credentials takes them. A kept client
+    holds no credentials (take_client gives it the next run's)."""
+    now = time.monotonic()
+    shared = process_shared()
+    dropped = []
+    with shared.lock:
+        kept = shared.data.setdefault('kept_clients.v1', collections.OrderedDict())
+        for client in clients:
+            key = getattr(client, '_integration_key', None)
+            signer = getattr(client, '_request_signer', None)
+            if key is None or not hasattr(signer, '_credentials'):
+                continue
+            signer._credentials = None
+            kept[key] = (now, client)
+            kept.move_to_end(key)
+        while kept and (len(kept) > KEPT_CLIENTS or next(iter(kept.values()))[0] < now - KEPT_CLIENT_IDLE):
+            dropped.append(kept.popitem(last=False)[1][1])
+    for client in dropped:
+        getattr(client, 'close', lambda: None)()
+
+
+def _client_key(session, service, region, config):
+    """What a kept client must share with the one asked for: the credentials'
+    source (get_session's binding: no secret in it), the operations its model
+    holds, its service, region and Config, and the SDK's environment (endpoint
+    URLs, proxies, CA bundle ...). A digest: the key names no account. None:
+    not a session of ours, or a Config we cannot compare: a new client."""
+    binding = getattr(session, 'integration_binding', None)
+    options = getattr(config, '_user_provided_options', None) if config is not None else {}
+    if binding is None or options is None:
+        return None
+    loader = session._session.get_component('data_loader')
+    operations = sorted(getattr(loader, '_operations', {}).items())
+    environment = sorted((name, value) for name, value in os.environ.items()
+                         if name.startswith('AWS_') or name.lower() in _PROXY_VARIABLES)
+    text = repr((binding.key, operations, service, region, sorted(options.items(), key=repr),
+                 environment))
+    return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()
 
 
 def new_botocore_session():
@@ -673,9 +749,16 @@ class FastXMLStructures:
             elif kind == _TEXT:
                 text = child.text
                 parsed[name] = '' if text is None else text
+            elif kind == _STRUCTURE:
+                parsed[name] = self._read_member_structure(member, child)
             elif kind == _LIST:
                 item = member.item
-                parsed[name] = [self._read_value(item, each) for each in child]
+                if item.kind == _STRUCTURE:
+                    parsed[name] = [self._read_member_structure(item, each) for each in child]
+                elif item.kind == _TEXT:
+                    parsed[name] = ['' if each.text is None else each.text for each in child]
+                else:
+                    parsed[name] = [self._read_value(item, each) for each in child]
             else:
                 parsed[name] = self._read_value(member, child)
             if member.position < last:
@@ -685,15 +768,18 @@ class FastXMLStructures:
             parsed = {name: parsed[name] for name in plan.order if name in parsed}
         return parsed
 
+    def _read_member_structure(self, member, node):
+        plan = member.plan
+        if plan is None:
+            plan = member.plan = _xml_plan(member.shape) or False
+        if plan is False:
+            return super()._handle_structure(member.shape, node)
+        return self._read_structure(plan, node)
+
     def _read_value(self, member, node):
         kind = member.kind
         if kind == _STRUCTURE:
-            plan = member.plan
-            if plan is None:
-                plan = member.plan = _xml_plan(member.shape) or False
-            if plan is False or not hasattr(node, 'tag'):
-                return super()._handle_structure(member.shape, node)
-            return self._read_structure(plan, node)
+            return self._read_member_structure(member, node)
         text = node.text
         if text is None:
             text = ''

@@ -168,8 +168,7 @@ class DataCollector(auth.AwsCollector):
         work = [(m, r) for m in members if m.session for r in regions]
         self.results = [_new_result(r, m if self.aws.organization else None) for m, r in work]
         for (member, region), result in zip(work, self.results):
-            client = stop.watch(member.session.client('cloudwatch', region_name=region,
-                                                      config=metrics_config))
+            client = stop.watch(auth.take_client(member.session, 'cloudwatch', region, metrics_config))
             run['regions'].append(_Region(self, member, client, result, run))
             pool.submit(run['regions'][-1].discover)
 
@@ -193,6 +192,8 @@ class DataCollector(auth.AwsCollector):
         finally:
             run['stop'].cancel()
             run['pool'].stop(core.STOP_GRACE)
+        # Every region ended and no thread uses them: the next run's.
+        auth.keep_clients([region.client for region in run['regions']])
 
     def commit(self):
         """The Runner delivered (or spooled) every point collect() yielded: now

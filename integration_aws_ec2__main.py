@@ -138,6 +138,7 @@ class DataCollector(auth.AwsCollector):
             'stop': core.Cancellation(),
             'pool': pool,
             'gc': _relax_gc(),
+            'clients': [],      # given back for the next run once this one is over
         }
         # From here on cancel() ends it all, however start() itself ends
         # (Func's timeout included, which no `except Exception` sees).
@@ -153,7 +154,8 @@ class DataCollector(auth.AwsCollector):
         for (member, region), result in zip(work, self.results):
             # Clients come from the account's session (not thread-safe to
             # create), each region starting as soon as its client exists.
-            client = stop.watch(member.session.client('ec2', region_name=region, config=config))
+            client = stop.watch(auth.take_client(member.session, 'ec2', region, config))
+            run['clients'].append(client)
             pool.submit(self._fetch_region, client, result, run)
 
     def _collect(self):
@@ -183,6 +185,8 @@ class DataCollector(auth.AwsCollector):
                 points = None
         finally:
             _finish(run)
+        # Every region ended and no thread uses them: the next run's.
+        auth.keep_clients(run['clients'])
 
     def cancel(self):
         """Stop a started collection (the account failed as a whole)."""

@@ -1412,17 +1412,30 @@ class Cancellation:
         return self._event.is_set()
 
     def watch(self, client):
+        """Make `client` refuse to send once this is cancelled, and note its
+        connections. A client watched before (kept from an earlier run: see
+        integration_aws_auth.take_client) is this run's from now on; its idle
+        connections, noted by that run, are dropped."""
+        watched = getattr(client, '_integration_watched', None)
+        http = getattr(getattr(client, '_endpoint', None), 'http_session', None)
+        if watched is not None:
+            watched.cancellation = self
+            for manager in [getattr(http, '_manager', None)] + list(
+                    (getattr(http, '_proxy_managers', None) or {}).values()):
+                if manager is not None:
+                    manager.clear()
+            return client
+        watched = client._integration_watched = _Watched(self)
         events = client.meta.events
-        events.register_first('before-send', self._refuse)
-        events.register_first('needs-retry', self._refuse)
+        events.register_first('before-send', watched.refuse)
+        events.register_first('needs-retry', watched.refuse)
         # botocore keeps its connection pool classes in a per-client dict;
         # subclasses of them note each connection they open. Private API:
         # without it, cancelling still stops new requests and retries.
-        http = getattr(getattr(client, '_endpoint', None), 'http_session', None)
         pools = getattr(http, '_pool_classes_by_scheme', None)
         if isinstance(pools, dict):
             for scheme, base in list(pools.items()):
-                pools[scheme] = self._noting_pool(base)
+                pools[scheme] = watched.noting_pool(base)
         return client
 
     def cancel(self):
@@ -1435,18 +1448,29 @@ class Cancellation:
         if self._event.is_set():
             raise Cancelled('the run ended; request not sent')
 
-    def _noting_pool(self, base):
-        connections, cancelled = self._connections, self._event
+
+class _Watched:
+    """A watched client's link to the Cancellation of the run using it."""
+
+    def __init__(self, cancellation):
+        self.cancellation = cancellation
+
+    def refuse(self, **_):
+        self.cancellation._refuse()
+
+    def noting_pool(self, base):
+        watched = self
 
         class NotingPool(base):
             def _new_conn(self):
+                cancellation = watched.cancellation
                 connection = super()._new_conn()
-                connections.add(connection)
+                cancellation._connections.add(connection)
                 connect = connection.connect
 
                 def connect_unless_cancelled():
                     connect()
-                    if cancelled.is_set():
+                    if cancellation.is_set():
                         _shut(connection)
                 connection.connect = connect_unless_cancelled
                 return connection

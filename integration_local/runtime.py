@@ -283,7 +283,11 @@ class LineProtocolWriter:
         self.target = name
 
     def write_by_category_many(self, category, data):
-        for line in encode_points(data):
+        return self.write_line_protocol(category, encode_points(data))
+
+    def write_line_protocol(self, category, lines):
+        """The lines Delivery encoded already (core._raw_writer), as they are."""
+        for line in lines:
             self.stream.write(line + '\n')
         self.stream.flush()
         return 200, ''

@@ -1,0 +1,166 @@
+"""Clients kept between runs of one process (auth.take_client / keep_clients),
+as in a Func worker that runs the same startup script every few minutes: the
+next run of the same credentials and SDK environment takes them, signing with
+its own credentials; nothing else ever does; a kept client holds no
+credentials; a run that ends early keeps none; a taken client is cancelled
+with the run that took it."""
+import threading
+import time
+
+import botocore.session
+import pytest
+
+import integration_aws_auth as auth
+import integration_aws_ec2__main as ec2
+import integration_core__runner as core
+import integration_local.cli as local_cli
+import integration_local.runtime as local_runtime
+from conftest import account_of
+from servers import FaultProxy
+
+REGIONS = ['us-east-1', 'us-west-2']
+
+
+class Sink:
+    def __init__(self):
+        self.points = []
+
+    def write_by_category_many(self, category, data):
+        self.points.extend(data)
+        return 200, ''
+
+
+@pytest.fixture
+def sink():
+    out = Sink()
+    local_runtime.install(local_runtime.LocalDFF(output=out))
+    return out
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """The EC2 clients botocore makes."""
+    clients = []
+    create = botocore.session.Session.create_client
+
+    def counting(self, service_name, *args, **kwargs):
+        client = create(self, service_name, *args, **kwargs)
+        if service_name == 'ec2':
+            clients.append(client)
+        return client
+    monkeypatch.setattr(botocore.session.Session, 'create_client', counting)
+    return clients
+
+
+def kept():
+    return dict(auth.process_shared().data.get('kept_clients.v1', {}))
+
+
+def collect(account, regions=REGIONS):
+    return core.Runner(ec2.DataCollector(account, {'regions': regions}), force=True).run()
+
+
+@pytest.fixture
+def estate(aws):
+    return {region: aws.run_instances(region, 2) for region in REGIONS}
+
+
+def test_a_second_run_takes_the_clients_of_the_first(aws, user, estate, sink, made):
+    account = account_of(user)
+    collect(account)
+    first = list(made)
+    assert len(first) == 2
+    # While kept, a client holds no credentials.
+    mine = [client for _, client in kept().values() if client in first]
+    assert len(mine) == 2 and all(c._request_signer._credentials is None for c in mine)
+    written = len(sink.points)
+    with aws.recording() as calls:
+        collect(account)
+    assert made == first, 'the second run made clients of its own'
+    assert len(sink.points) == 2 * written and written >= 4
+    describes = [c for c in calls if c['action'] == 'DescribeInstances']
+    assert len(describes) == 2 and {c['access_key'] for c in describes} == {user['ak_id']}
+
+
+def test_a_kept_client_never_serves_other_credentials(aws, user, estate, sink, made):
+    other = aws.make_user(f"other-{user['ak_id'][-6:].lower()}", 'aws')
+    collect(account_of(user))
+    with aws.recording() as calls:
+        collect(account_of(other))
+    assert len(made) == 4, 'the other keys took the first keys\' clients'
+    describes = [c for c in calls if c['action'] == 'DescribeInstances']
+    assert {c['access_key'] for c in describes} == {other['ak_id']}
+    # The same keys with another secret (rotated): not the kept clients either.
+    with pytest.raises(core.RunFailed):
+        collect(dict(account_of(user), ak_secret='x' * 40))
+    assert len(made) == 6
+
+
+def test_a_changed_sdk_environment_gets_new_clients(aws, user, estate, sink, made, monkeypatch):
+    collect(account_of(user))
+    proxy = FaultProxy(aws.url)
+    try:
+        monkeypatch.setenv('AWS_ENDPOINT_URL_EC2', proxy.url)
+        collect(account_of(user))
+        assert len(made) == 4
+        assert [r['action'] for r in proxy.seen] == ['DescribeInstances'] * 2
+    finally:
+        proxy.stop()
+
+
+def _our_threads():
+    return [t.name for t in threading.enumerate() if t.name.startswith('integration-') and t.is_alive()]
+
+
+def test_a_taken_client_is_cancelled_with_its_run_and_a_stopped_run_keeps_none(
+        aws, user, estate, sink, made, monkeypatch):
+    """The second run takes the first run's clients, and its requests hang:
+    at its timeout, their sockets are shut (no thread is left waiting on
+    them), and the clients of a run that ended early are not kept."""
+    hang = threading.Event()
+    proxy = FaultProxy(aws.url, rule=lambda r: ('delay', 20) if hang.is_set() else None)
+    try:
+        monkeypatch.setenv('AWS_ENDPOINT_URL_EC2', proxy.url)
+        account = account_of(user)
+        collect(account)
+        taken = list(made)
+        hang.set()
+        collector = ec2.DataCollector(account, {'regions': REGIONS})
+        api = {'title': 'hangs', 'name': 'run', 'timeout': 2,
+               'func': lambda: core.Runner(collector, force=True).run()}
+        started = time.monotonic()
+        assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+        assert time.monotonic() - started < 2 + 1.5
+        assert made == taken, 'the hanging run did not take the kept clients'
+        deadline = time.monotonic() + core.STOP_GRACE + 1
+        while time.monotonic() < deadline and _our_threads():
+            time.sleep(0.05)
+        assert not _our_threads(), 'a thread still waits on a request of the cancelled run'
+        assert not [c for _, c in kept().values() if c in taken]
+        hang.clear()
+        collect(account)
+        assert len(made) == 4, 'a client of the stopped run was taken again'
+    finally:
+        proxy.stop()
+
+
+def test_kept_clients_are_bounded(aws, user, estate, sink, monkeypatch):
+    monkeypatch.setattr(auth, 'KEPT_CLIENTS', 1)
+    collect(account_of(user))
+    assert len(kept()) == 1
+
+
+def test_cloudwatch_runs_take_the_clients_of_the_last_run(aws, user, sink, monkeypatch):
+    import integration_aws_cloudwatch__main as cw
+    made = []
+    create = botocore.session.Session.create_client
+
+    def counting(self, service_name, *args, **kwargs):
+        client = create(self, service_name, *args, **kwargs)
+        if service_name == 'cloudwatch':
+            made.append(client)
+        return client
+    monkeypatch.setattr(botocore.session.Session, 'create_client', counting)
+    for _ in range(2):
+        core.Runner(cw.DataCollector(account_of(user), {'regions': REGIONS}), force=True).run()
+    assert len(made) == 2
