@@ -588,7 +588,7 @@ def take_client(session, service, region, config):
             entry = shared.data.get('kept_clients.v1', {}).pop(key, None)
         if entry is not None:
             client = entry[1]
-            client._request_signer._credentials = session._session.get_credentials()
+            _bind_credentials(client, session._session.get_credentials())
     if client is None:
         client = session.client(service, region_name=region, config=config)
     client._integration_key = key
@@ -609,13 +609,26 @@ def keep_clients(clients):
             signer = getattr(client, '_request_signer', None)
             if key is None or not hasattr(signer, '_credentials'):
                 continue
-            signer._credentials = None
+            _bind_credentials(client, None)
             kept[key] = (now, client)
             kept.move_to_end(key)
         while kept and (len(kept) > KEPT_CLIENTS or next(iter(kept.values()))[0] < now - KEPT_CLIENT_IDLE):
             dropped.append(kept.popitem(last=False)[1][1])
     for client in dropped:
         getattr(client, 'close', lambda: None)()
+
+
+def _bind_credentials(client, credentials):
+    """Where a botocore client holds its credentials: its request signer, and
+    the endpoint rules' account id (a deferred read of the credentials)."""
+    client._request_signer._credentials = credentials
+    builtins = getattr(getattr(client, '_ruleset_resolver', None), '_builtins', None)
+    if isinstance(builtins, dict) and _ACCOUNT_ID_BUILTIN in builtins:
+        builtins[_ACCOUNT_ID_BUILTIN] = (credentials.get_deferred_property('account_id')
+                                         if credentials is not None else None)
+
+
+_ACCOUNT_ID_BUILTIN = 'AWS::Auth::AccountId'
 
 
 def _client_key(session, service, region, config):
