@@ -565,9 +565,9 @@ def process_shared():
 
 
 # Clients kept between runs of one process (a Func worker runs the same
-# startup script every few minutes): at most KEPT_CLIENTS, none idle longer
-# than KEPT_CLIENT_IDLE seconds.
-KEPT_CLIENTS = 512
+# startup script every few minutes): at most KEPT_CLIENTS (about 150 KiB
+# each), none idle longer than KEPT_CLIENT_IDLE seconds.
+KEPT_CLIENTS = 256
 KEPT_CLIENT_IDLE = 3600
 _PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'no_proxy', 'all_proxy')
 
@@ -586,7 +586,9 @@ def take_client(session, service, region, config):
         shared = process_shared()
         with shared.lock:
             entry = shared.data.get('kept_clients.v1', {}).pop(key, None)
-        if entry is not None:
+        if entry is not None and entry[0] < time.monotonic() - KEPT_CLIENT_IDLE:
+            getattr(entry[1], 'close', lambda: None)()      # idle too long: a new one
+        elif entry is not None:
             client = entry[1]
             _bind_credentials(client, session._session.get_credentials())
     if client is None:
@@ -610,8 +612,10 @@ def keep_clients(clients):
             if key is None or not hasattr(signer, '_credentials'):
                 continue
             _bind_credentials(client, None)
+            previous = kept.pop(key, None)      # two runs of the same key at once
+            if previous is not None and previous[1] is not client:
+                dropped.append(previous[1])
             kept[key] = (now, client)
-            kept.move_to_end(key)
         while kept and (len(kept) > KEPT_CLIENTS or next(iter(kept.values()))[0] < now - KEPT_CLIENT_IDLE):
             dropped.append(kept.popitem(last=False)[1][1])
     for client in dropped:
@@ -629,14 +633,46 @@ def _bind_credentials(client, credentials):
 
 
 _ACCOUNT_ID_BUILTIN = 'AWS::Auth::AccountId'
+_CODE_VERSION = {}          # per execution of this module body (per Func task)
+
+
+def _code_version():
+    """A digest of the code of this module and of the core, the same for the
+    same source (Func runs the body again in every task), another for
+    another version."""
+    version = _CODE_VERSION.get('digest')
+    if version is None:
+        digest = hashlib.sha256()
+        for namespace in (globals(), vars(core)):
+            for value in list(namespace.values()):
+                if getattr(value, '__module__', None) != namespace.get('__name__'):
+                    continue
+                if isinstance(value, types.FunctionType):
+                    digest.update(_code_text(value.__code__))
+                elif isinstance(value, type):
+                    for member in vars(value).values():
+                        if isinstance(member, types.FunctionType):
+                            digest.update(_code_text(member.__code__))
+        version = _CODE_VERSION['digest'] = digest.hexdigest()
+    return version
+
+
+def _code_text(code):
+    parts = [code.co_code, repr(code.co_names).encode()]
+    for const in code.co_consts:
+        parts.append(_code_text(const) if isinstance(const, types.CodeType)
+                     else repr(const).encode('utf-8', 'backslashreplace'))
+    return b'\0'.join(parts)
 
 
 def _client_key(session, service, region, config):
     """What a kept client must share with the one asked for: the credentials'
     source (get_session's binding: no secret in it), the operations its model
-    holds, its service, region and Config, and the SDK's environment (endpoint
-    URLs, proxies, CA bundle ...). A digest: the key names no account. None:
-    not a session of ours, or a Config we cannot compare: a new client."""
+    holds, its service, region and Config, the SDK's environment (endpoint
+    URLs, proxies, CA bundle ...) and config file, and the code of this module
+    and the core (a new version pasted into Func makes new clients). A
+    digest: the key names no account. None: not a session of ours, or a
+    Config we cannot compare: a new client."""
     binding = getattr(session, 'integration_binding', None)
     options = getattr(config, '_user_provided_options', None) if config is not None else {}
     if binding is None or options is None:
@@ -645,8 +681,14 @@ def _client_key(session, service, region, config):
     operations = sorted(getattr(loader, '_operations', {}).items())
     environment = sorted((name, value) for name, value in os.environ.items()
                          if name.startswith('AWS_') or name.lower() in _PROXY_VARIABLES)
+    config_file = os.path.expanduser(os.environ.get('AWS_CONFIG_FILE') or '~/.aws/config')
+    try:
+        stat = os.stat(config_file)
+        config_state = (config_file, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        config_state = (config_file, None)
     text = repr((binding.key, operations, service, region, sorted(options.items(), key=repr),
-                 environment))
+                 environment, config_state, _code_version()))
     return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()
 
 
@@ -1700,9 +1742,12 @@ class CollectorAccount:
         or the answer of the one start_identity began."""
         with self._identity_lock:     # the Runner and region threads may ask at once
             if self._identity is None:
-                pending, self._pending_identity = self._pending_identity, None
+                pending = self._pending_identity
                 if pending is not None:
+                    # Kept until it answers: a wait cut short (Func's timeout)
+                    # leaves it to the next caller, which must not ask again.
                     self._identity = pending.result()
+                    self._pending_identity = None
                 else:
                     self._identity = describe_identity(
                         self.session(), self.account, cache=self.cache,
@@ -1785,78 +1830,88 @@ class CollectorAccount:
             self._session = None        # the next session() starts a new one
         return dropped
 
-    def members(self, cancellation, pool, fresh=None):
+    def members(self, cancellation, pool, fresh=None, ready=None):
         """The accounts to collect, each a Member with a session or the one line
         saying why not. Without member_role_name: the account itself. With it:
         every account of account['member_accounts'], or else every ACTIVE
         account organizations:ListAccounts returns, less account['exclude_accounts'];
-        each member's role is assumed on `pool`, at once. `fresh` (the Runner's
-        skip rule) leaves out the accounts collected too recently."""
+        each member's role is assumed on `pool` as soon as its page of the
+        listing arrives, and `ready(member)` (on the pool) may start on it at
+        once. `fresh` (the Runner's skip rule) leaves out the accounts
+        collected too recently."""
         if not self.organization:
             self.collected = [Member(None, None, self.session())]
             return self.collected
         # The member roles' STS calls stop with the run, like every other call.
         self._watch = cancellation.watch
         listed = self.account.get('member_accounts')
+        excluded = set(self.account.get('exclude_accounts', ()))
+        out, opening = [], []
+
+        def take(page):
+            for account_id, name, status in page:
+                if account_id in excluded or (self.only is not None and account_id not in self.only):
+                    continue
+                member = Member(account_id, name, tags={'AccountId': account_id})
+                if name:
+                    member.tags['AccountName'] = name
+                recent = fresh.skip_reason(account_id) if fresh is not None else None
+                if status != 'ACTIVE':
+                    member.skipped = f'the account is {status}'
+                elif recent:
+                    member.skipped = recent
+                else:
+                    opening.append((member, pool.run(self._open_member, member, ready)))
+                out.append(member)
+
         try:
             # The identity call (start_identity) is under way meanwhile: the
             # accounts are listed without waiting for it.
-            found = [(a, None, 'ACTIVE') for a in listed] if listed else self._list_accounts(cancellation)
+            if listed:
+                take([(a, None, 'ACTIVE') for a in listed])
+            else:
+                self._list_accounts(cancellation, take)
         except AuthError:
             self.identity()     # keys AWS refuses: the identity call's line says so
             raise
         management = self.identity()
-        if self.only is not None:       # a second round for the accounts named
-            found = [f for f in found if f[0] in self.only]
-        excluded = set(self.account.get('exclude_accounts', ()))
-        out, due = [], []
-        for account_id, name, status in found:
-            if account_id in excluded:
+        for member, opened in opening:
+            outcome = opened.exception()
+            if outcome is None:
                 continue
-            member = Member(account_id, name, tags={'AccountId': account_id})
-            if name:
-                member.tags['AccountName'] = name
-            recent = fresh.skip_reason(account_id) if fresh is not None else None
-            if status != 'ACTIVE':
-                member.skipped = f'the account is {status}'
-            elif recent:
-                member.skipped = recent
+            line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
+            if member.account_id == management['account_id'] and not listed:
+                # The management account is included only when the role exists there.
+                member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
             else:
-                due.append(member)
-            out.append(member)
-        for member, outcome in pool.map(self._open_member, due):
-            if isinstance(outcome, Exception):
-                line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
-                if member.account_id == management['account_id'] and not listed:
-                    # The management account is included only when the role exists there.
-                    member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
-                else:
-                    member.error = line
+                member.error = line
+        out.sort(key=lambda m: m.account_id)
         self.collected = out
         return out
 
-    def _open_member(self, member):
-        member.session = member_session(self.session(), self.account, member.account_id,
-                                        cache=self.cache, clock=self.clock, watch=self._watch,
-                                        operations=self.operations)
+    def _open_member(self, member, ready=None):
+        session = member_session(self.session(), self.account, member.account_id,
+                                 cache=self.cache, clock=self.clock, watch=self._watch,
+                                 operations=self.operations)
         member.identity = member_identity(self.account, member.account_id, self.partition)
+        member.session = session
+        if ready is not None:
+            ready(member)
         return member
 
-    def _list_accounts(self, cancellation):
-        """(id, name, status) of every account of the Organization."""
+    def _list_accounts(self, cancellation, take):
+        """take([(id, name, status)]) for each page of the Organization's accounts."""
         session = self.session()
         client = cancellation.watch(session.client('organizations', region_name=session.region_name))
-        out = []
         try:
             for page in client.get_paginator('list_accounts').paginate():
-                out.extend((a['Id'], a.get('Name'), a.get('Status', 'ACTIVE')) for a in page['Accounts'])
+                take([(a['Id'], a.get('Name'), a.get('Status', 'ACTIVE')) for a in page['Accounts']])
         except ClientError as e:
             raise AuthError(describe_client_error(e, 'organizations:ListAccounts') + (
                 ': list the accounts in account[\'member_accounts\'], or use the management '
                 'account (or a delegated administrator)' if 'AccessDenied' in str(e) else '')) from None
         except BotoCoreError as e:
             raise AuthError(f'organizations:ListAccounts failed: {core.first_line(e)}') from None
-        return sorted(out)
 
     def _discover_partition(self):
         """['*'] names no region: the role's ARN tells the partition, or else
@@ -1890,6 +1945,7 @@ class AwsCollector:
     # those (much cheaper to make); None, all.
     operations = None
     account_tags = ('AccountId', 'AccountName')     # an Organization's member accounts
+    members_ready = None    # a Future: the accounts listed by a subclass's start()
 
     def __init__(self, account, configs, filters, after_collect, cache=None, clock=None):
         validate_account(account)           # the account's mistakes are reported first
@@ -1924,8 +1980,13 @@ class AwsCollector:
 
     def identity(self):
         """The account in use (method, account id, ARN, partition): one sts call,
-        already under way in the background when start() ran."""
-        return self.aws.identity()
+        already under way in the background when start() ran. A collector
+        that lists an Organization's accounts in the background (members_ready)
+        has them all once this returns: a failure to list them is the account's."""
+        identity = self.aws.identity()
+        if self.members_ready is not None:
+            self.members_ready.result()
+        return identity
 
     def collect(self):
         """The subclass's _collect(); then, for an account whose kept session

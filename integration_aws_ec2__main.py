@@ -76,8 +76,10 @@ CONFIG_KEYS = ('regions', 'concurrency', 'page_size', 'retry_mode', 'max_attempt
 DEFAULTS = {'page_size': 1000}
 # Used when neither collector_configs nor the user's SDK settings give them.
 MAX_CONCURRENCY = 32
+# Points an Organization's run makes while its accounts are still listed
+# (identity()), before the Runner writes any: about 5 KB each.
+EARLY_POINTS = 5000
 GC_THRESHOLD = 50000
-GC_EVERY = 1000         # instances between two young-generation passes (collect)
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
@@ -121,9 +123,11 @@ class DataCollector(auth.AwsCollector):
         identity(), so the identity call overlaps the regions' first pages."""
         if self._run is not None:
             return
+        self.members_ready = None
         config = self._client_config()
         several = self.aws.organization or self.regions == ['*']
-        # One pool for every (account, region): member roles are assumed on it too.
+        # One pool for every (account, region) (an Organization's member roles
+        # are assumed on another: see _members).
         pool = core.Workers(self.configs.get('concurrency') or (
             MAX_CONCURRENCY if several else min(MAX_CONCURRENCY, len(self.regions))), 'ec2')
         run = {
@@ -139,6 +143,8 @@ class DataCollector(auth.AwsCollector):
             'pool': pool,
             'gc': _relax_gc(),
             'clients': [],      # given back for the next run once this one is over
+            'done': 0,          # regions ended
+            'early': [],        # points made while identity() waits for the accounts
         }
         # From here on cancel() ends it all, however start() itself ends
         # (Func's timeout included, which no `except Exception` sees).
@@ -147,46 +153,90 @@ class DataCollector(auth.AwsCollector):
         # Its network wait overlaps the making of the region clients below.
         self.aws.start_identity(stop, config)
         regions = self.aws.resolve_regions(config)
-        members = self.aws.members(stop, pool, self.aws.fresh)
-        work = [(m, r) for m in members if m.session for r in regions]
-        self.results = run['regions'] = [_new_result(r, m if self.aws.organization else None)
-                                         for m, r in work]
-        for (member, region), result in zip(work, self.results):
-            # Clients come from the account's session (not thread-safe to
-            # create), each region starting as soon as its client exists.
-            client = stop.watch(auth.take_client(member.session, 'ec2', region, config))
-            run['clients'].append(client)
-            pool.submit(self._fetch_region, client, result, run)
+        self.results = run['regions']
+        run['lock'] = threading.Lock()
+
+        def ready(member):
+            """Start the member's regions, as soon as it has a session."""
+            organization = self.aws.organization
+            with run['lock']:
+                for region in regions:
+                    result = _new_result(region, member if organization else None)
+                    # Clients come from the account's session (not thread-safe to
+                    # create), each region starting as soon as its client exists.
+                    client = stop.watch(auth.take_client(member.session, 'ec2', region, config))
+                    run['regions'].append(result)
+                    run['clients'].append(client)
+                    pool.submit(self._fetch_region, client, result, run)
+
+        if not self.aws.organization:
+            ready(self.aws.members(stop, pool, self.aws.fresh)[0])
+            return
+        # An Organization's accounts are listed a page at a time: each page's
+        # accounts start at once, while the next page is asked for. identity()
+        # waits for the whole list (the Runner's account lines need it).
+        self.members_ready = core.in_background(self._members, run, ready, regions)
+
+    def _members(self, run, ready, regions):
+        # Member roles are assumed on a pool of their own: the regions' pool
+        # may be full of regions waiting for the consumer, which waits for
+        # the whole list of accounts.
+        openers = run['openers'] = core.Workers(run['pool'].size, 'ec2-accounts')
+        try:
+            self.aws.members(run['stop'], openers, self.aws.fresh, ready=ready)
+            # In the accounts' order, whatever order their roles were assumed in.
+            order = {m.account_id: n for n, m in enumerate(self.aws.collected)}
+            self.results.sort(key=lambda r: (order[r['account']], regions.index(r['region'])))
+        finally:
+            openers.stop(core.STOP_GRACE)
+            run['pages'].put(('listed', None, None))     # wakes identity()
+
+    def identity(self):
+        """The account in use; for an Organization, once every account is
+        listed. Meanwhile the pages of the accounts already started are made
+        into points (up to EARLY_POINTS), so that their regions go on."""
+        run = self._run
+        if run is not None and self.members_ready is not None:
+            self.aws.identity()         # the management keys' failure first
+            while len(run['early']) < EARLY_POINTS:
+                item = run['pages'].get()
+                if item[0] == 'listed':
+                    break
+                run['early'].extend(self._page_points(run, item))
+        return super().identity()
 
     def _collect(self):
         """Yield points page by page, regions in parallel; fill self.results."""
         self.start()
         run, self._run = self._run, None
         try:
-            done = 0
-            since_gc = 0
-            while done < len(run['regions']):
-                kind, result, reservations = run['pages'].get()
-                if kind == 'done':
-                    done += 1
-                    continue
-                # Points are a fraction of a parsed page's size: make them, free
-                # the page (and, every GC_EVERY instances, its parse's cyclic
-                # garbage: see _relax_gc) and let the next page be fetched
-                # before the points are written.
-                points = list(self._points(reservations, result, run['timestamp']))
-                since_gc += sum(len(r.get('Instances') or ()) for r in reservations)
-                reservations = None
-                if since_gc >= GC_EVERY:
-                    gc.collect(1)
-                    since_gc = 0
-                run['slots'].release()
-                yield from points
-                points = None
+            if self.members_ready is not None:
+                self.members_ready.result()     # every account's regions started
+            early, run['early'] = run['early'], []
+            yield from early
+            early = None
+            while run['done'] < len(run['regions']):
+                yield from self._page_points(run, run['pages'].get())
         finally:
             _finish(run)
         # Every region ended and no thread uses them: the next run's.
         auth.keep_clients(run['clients'])
+
+    def _page_points(self, run, item):
+        """The points of a page from the regions' queue (none for a region's
+        or the listing's end)."""
+        kind, result, reservations = item
+        if kind == 'done':
+            run['done'] += 1
+        if kind != 'page':
+            return []
+        # Points are a fraction of a parsed page's size: make them, free the
+        # page (a parse leaves no cyclic garbage: freed at once) and let the
+        # next page be fetched before the points are written.
+        points = list(self._points(reservations, result, run['timestamp']))
+        reservations = item = None
+        run['slots'].release()
+        return points
 
     def cancel(self):
         """Stop a started collection (the account failed as a whole)."""
@@ -387,6 +437,8 @@ def _finish(run):
     run['stop'].cancel()
     # Regions not yet started find the stop set and end at once.
     run['pool'].stop(core.STOP_GRACE)
+    if run.get('openers') is not None:
+        run['openers'].stop(core.STOP_GRACE)
     gc.set_threshold(*run['gc'])
 
 

@@ -1499,14 +1499,17 @@ class Workers:
     def submit(self, func, *args):
         self._tasks.put((func, args))
 
+    def run(self, func, *args):
+        """func(*args) on the pool: a Future of its result, always settled
+        (stop() settles it with an error if it never started)."""
+        future = Future()
+        self.submit(_settle, future, func, *args)
+        return future
+
     def map(self, func, items):
         """func(item) for every item, on the pool; once all are done,
         [(item, its result or the exception it raised)] in order."""
-        futures = []
-        for item in items:
-            future = Future()
-            futures.append((item, future))
-            self.submit(_settle, future, func, item)
+        futures = [(item, self.run(func, item)) for item in items]
         out = []
         for item, future in futures:
             error = future.exception()

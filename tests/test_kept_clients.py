@@ -218,3 +218,34 @@ def test_what_the_process_keeps_holds_no_credentials(aws, user, estate, sink):
     token = session.get_credentials().get_frozen_credentials()
     found = reachable(auth.process_shared().data, [user['ak_secret'], token.secret_key, token.token])
     assert found == []
+
+
+def test_a_changed_config_file_gets_new_clients(aws, user, estate, sink, made, monkeypatch, tmp_path):
+    """The SDK's config file (AWS_CONFIG_FILE or ~/.aws/config) can change how
+    a client is made (endpoints, FIPS, CA bundle ...): edited, new clients."""
+    config = tmp_path / 'config'
+    config.write_text('[default]\n')
+    monkeypatch.setenv('AWS_CONFIG_FILE', str(config))
+    collect(account_of(user))
+    collect(account_of(user))
+    assert len(made) == 2
+    config.write_text('[default]\nec2 =\n  use_fips_endpoint = false\n')
+    collect(account_of(user))
+    assert len(made) == 4
+    collect(account_of(user))
+    assert len(made) == 4
+
+
+def test_a_client_idle_too_long_or_of_other_code_is_not_taken(aws, user, estate, sink, made, monkeypatch):
+    collect(account_of(user))
+    first = list(made)
+    monkeypatch.setattr(auth, 'KEPT_CLIENT_IDLE', 0)
+    collect(account_of(user))
+    assert len(made) == 4 and all(c not in first for c in made[2:])
+    monkeypatch.setattr(auth, 'KEPT_CLIENT_IDLE', 3600)
+    # Another version of the modules (Func: pasted anew): its own clients.
+    monkeypatch.setitem(auth._CODE_VERSION, 'digest', 'another version')
+    collect(account_of(user))
+    assert len(made) == 6
+    collect(account_of(user))
+    assert len(made) == 6

@@ -635,3 +635,28 @@ def test_our_xml_parser_reads_as_funcs_botocore_does(func_worker):
     assert done.stdout.startswith('botocore 1.37.'), done.stdout
     counts = json.loads(done.stdout.split('parsed alike: ', 1)[1].replace("'", '"'))
     assert counts['ec2'] > 300 and min(counts.values()) > 10, counts
+
+
+KEPT_CLIENTS_CODE = '''import sys
+
+
+@DFF.API('kept clients')
+def run():
+    shared = sys.modules.get('_integration_aws_shared')
+    kept = shared.data.get('kept_clients.v1', {}) if shared is not None else {}
+    return sorted(id(client) for _, client in kept.values())
+'''
+
+
+def test_the_next_task_takes_the_clients_of_the_last(modules, seed_estate, aws, datakit):
+    """Func runs the module bodies again in every task: the clients one task
+    kept are still the next task's (the same code), not made anew."""
+    point_worker_at(modules, aws)
+    func_id = publish_startup(modules, '1_iam_user.py', seed_estate)
+    modules.publish('test__kept_clients', KEPT_CLIENTS_CODE)
+    modules.set_env('INTEGRATION_FORCE', '1')
+    assert_success(modules.run(func_id))
+    first = modules.run('test__kept_clients.run').result
+    assert first, 'the first task kept no client'
+    assert_success(modules.run(func_id))
+    assert modules.run('test__kept_clients.run').result == first
