@@ -790,7 +790,7 @@ class FastXMLStructures:
                 member = plan.learn(child.tag)
             if member is None:
                 continue                    # an element the model does not know
-            kind, name = member.kind, member.name
+            kind, name, position = member.kind, member.name, member.position
             if kind == _FLAT_LIST:
                 items = parsed.get(name)
                 if items is not None:
@@ -804,6 +804,9 @@ class FastXMLStructures:
             elif kind == _TEXT:
                 text = child.text
                 parsed[name] = '' if text is None else text
+            elif kind == _TIMESTAMP:
+                text = child.text
+                parsed[name] = self._timestamp_parser('' if text is None else text)
             elif kind == _STRUCTURE:
                 parsed[name] = self._read_member_structure(member, child)
             elif kind == _LIST:
@@ -816,9 +819,9 @@ class FastXMLStructures:
                     parsed[name] = [self._read_value(item, each) for each in child]
             else:
                 parsed[name] = self._read_value(member, child)
-            if member.position < last:
+            if position < last:
                 ordered = False
-            last = member.position
+            last = position
         if not ordered:
             parsed = {name: parsed[name] for name in plan.order if name in parsed}
         return parsed
@@ -1731,11 +1734,14 @@ class CollectorAccount:
         """Begin the identity call in the background (a no-op once known)."""
         if self._identity is None and self._pending_identity is None:
             session = self.session()
-            sts = cancellation.watch(session.client('sts', region_name=session.region_name,
-                                                    config=config))
-            self._pending_identity = core.in_background(
-                describe_identity, session, self.account, cache=self.cache, client=sts,
-                keep_keys_for=self._keep_keys_for)
+            sts = cancellation.watch(take_client(session, 'sts', session.region_name, config))
+
+            def identify():
+                answer = describe_identity(session, self.account, cache=self.cache, client=sts,
+                                           keep_keys_for=self._keep_keys_for)
+                keep_clients([sts])     # answered: the next run's
+                return answer
+            self._pending_identity = core.in_background(identify)
 
     def identity(self):
         """The account in use (method, account id, ARN, partition): one sts call,

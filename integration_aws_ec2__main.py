@@ -363,15 +363,25 @@ def instance_to_point(instance, region, extra_tags, timestamp):
 
 
 def to_json(value):
-    return json.dumps(value, ensure_ascii=False, separators=(',', ':'), default=_json_default)
+    encode = _JSON.get('encode')
+    if encode is None:      # one encoder per execution of this module, not per call
+        encode = _JSON['encode'] = json.JSONEncoder(
+            ensure_ascii=False, separators=(',', ':'), default=_json_default).encode
+    return encode(value)
+
+
+_JSON = {}
 
 
 def iso_time(value):
+    """2026-11-29T10:00:00Z, or with microseconds 2026-11-29T10:00:00.250000Z."""
     if isinstance(value, str):
         return value
-    value = value.astimezone(datetime.timezone.utc)
-    pattern = '%Y-%m-%dT%H:%M:%S.%fZ' if value.microsecond else '%Y-%m-%dT%H:%M:%SZ'
-    return value.strftime(pattern)
+    if value.tzinfo is not datetime.timezone.utc:
+        value = value.astimezone(datetime.timezone.utc)
+    if value.year < 1000:       # never from AWS: strftime's unpadded year, as before
+        return value.strftime('%Y-%m-%dT%H:%M:%S.%fZ' if value.microsecond else '%Y-%m-%dT%H:%M:%SZ')
+    return value.replace(tzinfo=None).isoformat() + 'Z'      # 5x strftime's speed
 
 
 def _json_default(value):

@@ -209,3 +209,26 @@ def org(aws, organization, monkeypatch):
     monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
     yield dict(organization, proxy=proxy)
     proxy.stop()
+
+
+class Sink:
+    """DFF.SRC that keeps what it is given: (category, point) pairs."""
+
+    def __init__(self):
+        self.points = []
+
+    def write_by_category_many(self, category, data):
+        self.points.extend((category, dict(p)) for p in data)
+        return 200, ''
+
+    def metrics(self):
+        return [p for c, p in self.points if c == 'metric']
+
+
+@pytest.fixture
+def sink():
+    """The local runtime's DataKit is a Sink."""
+    import integration_local.runtime as local_runtime
+    out = Sink()
+    local_runtime.install(local_runtime.LocalDFF(output=out))
+    return out

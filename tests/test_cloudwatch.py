@@ -11,8 +11,7 @@ import pytest
 import integration_aws_cloudwatch__main as cw
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
-import integration_local.runtime as local_runtime
-from conftest import ROOT, USER_POLICY, account_of, unique
+from conftest import ROOT, account_of, unique
 from integration_local.emulator import ImdsServer
 from fake_cloudwatch import FakeCloudWatch, ec2_estate, expected_value
 from servers import DataKitReceiver
@@ -20,27 +19,6 @@ from servers import DataKitReceiver
 PERIOD = 300
 NOW = 1_800_000_000 // PERIOD * PERIOD + 17          # "now", a little past a bucket boundary
 END = (NOW - 600) // PERIOD * PERIOD                 # the first run's window end (delay 600)
-
-
-class Sink:
-    """DFF.SRC that keeps what it is given."""
-
-    def __init__(self):
-        self.points = []
-
-    def write_by_category_many(self, category, data):
-        self.points.extend((category, dict(p)) for p in data)
-        return 200, ''
-
-    def metrics(self):
-        return [p for c, p in self.points if c == 'metric']
-
-
-@pytest.fixture
-def sink():
-    out = Sink()
-    local_runtime.install(local_runtime.LocalDFF(output=out))
-    return out
 
 
 def put(aws, region, instance_id, metric, second, value, namespace='AWS/EC2'):

@@ -15,42 +15,30 @@ import integration_aws_auth as auth
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 import integration_local.cli as local_cli
-import integration_local.runtime as local_runtime
 from conftest import account_of
 from servers import FaultProxy
 
 REGIONS = ['us-east-1', 'us-west-2']
 
 
-class Sink:
-    def __init__(self):
-        self.points = []
-
-    def write_by_category_many(self, category, data):
-        self.points.extend(data)
-        return 200, ''
-
-
-@pytest.fixture
-def sink():
-    out = Sink()
-    local_runtime.install(local_runtime.LocalDFF(output=out))
-    return out
-
-
-@pytest.fixture
-def made(monkeypatch):
-    """The EC2 clients botocore makes."""
+def count_clients(monkeypatch, service):
+    """The clients of `service` botocore makes from now on."""
     clients = []
     create = botocore.session.Session.create_client
 
     def counting(self, service_name, *args, **kwargs):
         client = create(self, service_name, *args, **kwargs)
-        if service_name == 'ec2':
+        if service_name == service:
             clients.append(client)
         return client
     monkeypatch.setattr(botocore.session.Session, 'create_client', counting)
     return clients
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """The EC2 clients botocore makes."""
+    return count_clients(monkeypatch, 'ec2')
 
 
 def kept():
@@ -153,15 +141,7 @@ def test_kept_clients_are_bounded(aws, user, estate, sink, monkeypatch):
 
 def test_cloudwatch_runs_take_the_clients_of_the_last_run(aws, user, sink, monkeypatch):
     import integration_aws_cloudwatch__main as cw
-    made = []
-    create = botocore.session.Session.create_client
-
-    def counting(self, service_name, *args, **kwargs):
-        client = create(self, service_name, *args, **kwargs)
-        if service_name == 'cloudwatch':
-            made.append(client)
-        return client
-    monkeypatch.setattr(botocore.session.Session, 'create_client', counting)
+    made = count_clients(monkeypatch, 'cloudwatch')
     for _ in range(2):
         core.Runner(cw.DataCollector(account_of(user), {'regions': REGIONS}), force=True).run()
     assert len(made) == 2
@@ -209,7 +189,6 @@ def test_what_the_process_keeps_holds_no_credentials(aws, user, estate, sink):
     """After runs of keys and of a role session (temporary credentials), the
     process-wide state (kept clients included) holds no credentials object
     and no secret."""
-    import botocore.credentials  # noqa: F401  (reachable() checks its class)
     role = aws.make_role(f"kept-{user['ak_id'][-6:].lower()}", user['arn'], 'aws')
     collect(account_of(user))
     collect(account_of(user, assume_role_arn=role))

@@ -12,26 +12,9 @@ import pytest
 import integration_aws_cloudwatch__main as cw
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
-import integration_local.runtime as local_runtime
 from conftest import account_of, unique
 from integration_local.emulator import READ_POLICY
 from org_estate import EXTERNAL_ID, ORG_POLICY, REGIONS, ROLE, member_creds
-
-class Sink:
-    def __init__(self):
-        self.points = []
-
-    def write_by_category_many(self, category, data):
-        self.points.extend((category, p) for p in data)
-        return 200, ''
-
-
-@pytest.fixture
-def sink():
-    out = Sink()
-    local_runtime.install(local_runtime.LocalDFF(output=out))
-    return out
-
 
 def org_account(org, **extra):
     return account_of(org['user'], member_role_name=ROLE, member_external_id=EXTERNAL_ID, **extra)
