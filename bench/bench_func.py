@@ -25,9 +25,10 @@ session is assumed in task 1 and kept in Func's Redis after it):
             loader existed.
   bound     the same AWS calls (as moto's recorder saw a later task make them)
             made with clients built once in an earlier task and kept in
-            sys.modules: what is left when nothing is rebuilt (it keeps
-            credentials in the process, which the modules must not do; it is
-            a bound, not a design).
+            sys.modules, with their credentials: what is left when nothing is
+            rebuilt (the modules keep their clients too, but never a
+            credential: each task's session gives its own to the clients it
+            takes; a bound, not a design).
   empty     a function that does nothing: Func's own cost of a task.
 
 CPU is the worker process's CPU time (all threads) from the task's start to
@@ -107,6 +108,7 @@ def run(account, calls, build=False):
 
 # What the shared module holds, walked: credentials objects, secrets.
 INSPECT_CODE = '''import sys
+import types
 import botocore.credentials
 
 SECRET_NAMES = ('secret_key', 'secretaccesskey', 'ak_secret', 'token', 'sessiontoken', 'session_token')
@@ -131,6 +133,13 @@ def run(secrets):
             continue
         if isinstance(obj, (int, float, bytes, type(None), type, type(sys))):
             continue
+        if isinstance(obj, types.FunctionType):     # closures (not globals)
+            for index, cell in enumerate(obj.__closure__ or ()):
+                stack.append((path + '.<closure ' + str(index) + '>', cell.cell_contents, depth + 1))
+            continue
+        if isinstance(obj, types.MethodType):
+            stack.append((path + '.__self__', obj.__self__, depth + 1))
+            continue
         if isinstance(obj, botocore.credentials.Credentials):
             found.append(path + ': ' + type(obj).__name__)
             continue
@@ -142,11 +151,15 @@ def run(secrets):
         elif isinstance(obj, (list, tuple, set, frozenset)):
             for index, value in enumerate(obj):
                 stack.append((path + '[' + str(index) + ']', value, depth + 1))
-        elif isinstance(getattr(obj, '__dict__', None), dict):
-            for key, value in vars(obj).items():
+        else:
+            attributes = dict(getattr(obj, '__dict__', None) or {})
+            for name in getattr(type(obj), '__slots__', ()):
+                if isinstance(name, str) and hasattr(obj, name):
+                    attributes[name] = getattr(obj, name)
+            for key, value in attributes.items():
                 stack.append((path + '.' + key, value, depth + 1))
-    return {'present': True, 'keys': sorted(shared.data),
-            'types': {k: type(v).__name__ for k, v in shared.data.items()},
+    return {'present': True, 'keys': sorted(map(str, shared.data)),
+            'types': {str(k): type(v).__name__ for k, v in shared.data.items()},
             'objects_walked': walked, 'found': found[:20]}
 '''
 
