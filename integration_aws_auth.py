@@ -1713,6 +1713,7 @@ class CollectorAccount:
         self._session = None
         self._identity = None
         self._pending_identity = None
+        self.clients = []           # of take_client, for keep_clients at the run's end
         self._identity_lock = threading.Lock()
         self.fresh = None           # the Runner's skip rule (use_freshness)
         self._watch = None          # a Cancellation's watch() for the member roles' STS clients
@@ -1736,12 +1737,10 @@ class CollectorAccount:
             session = self.session()
             sts = cancellation.watch(take_client(session, 'sts', session.region_name, config))
 
-            def identify():
-                answer = describe_identity(session, self.account, cache=self.cache, client=sts,
-                                           keep_keys_for=self._keep_keys_for)
-                keep_clients([sts])     # answered: the next run's
-                return answer
-            self._pending_identity = core.in_background(identify)
+            self.clients.append(sts)     # kept with the run's own, when it ends well
+            self._pending_identity = core.in_background(
+                describe_identity, session, self.account, cache=self.cache, client=sts,
+                keep_keys_for=self._keep_keys_for)
 
     def identity(self):
         """The account in use (method, account id, ARN, partition): one sts call,
@@ -1750,10 +1749,14 @@ class CollectorAccount:
             if self._identity is None:
                 pending = self._pending_identity
                 if pending is not None:
-                    # Kept until it answers: a wait cut short (Func's timeout)
-                    # leaves it to the next caller, which must not ask again.
-                    self._identity = pending.result()
-                    self._pending_identity = None
+                    # Kept until it has answered: a wait cut short (Func's
+                    # timeout) leaves it to the next caller, which must not
+                    # ask again; a failed call is not kept for the next run.
+                    try:
+                        self._identity = pending.result()
+                    finally:
+                        if pending.done():
+                            self._pending_identity = None
                 else:
                     self._identity = describe_identity(
                         self.session(), self.account, cache=self.cache,
@@ -2003,7 +2006,7 @@ class AwsCollector:
         dropped = self.aws.forget_refused(self.results)
         if not dropped:
             return
-        first = self.results
+        first, first_members = self.results, self.aws.collected
         again = {m.account_id for m in dropped}
         self.aws.only = {a for a in again if a is not None}
         try:
@@ -2011,6 +2014,16 @@ class AwsCollector:
         finally:
             self.aws.only = None
         self.results = [r for r in first if r.get('account') not in again] + self.results
+        # Every account of the run, the second round's where it went again (the
+        # skip rule marks them all).
+        retried = {m.account_id: m for m in self.aws.collected}
+        self.aws.collected = [retried.get(m.account_id, m) for m in first_members]
+
+    def keep_clients(self, clients):
+        """The run ended well: its clients (the identity call's too) are the
+        next run's (keep_clients)."""
+        clients, self.aws.clients = list(clients) + self.aws.clients, []
+        keep_clients(clients)
 
     def use_freshness(self, fresh):
         return self.aws.use_freshness(fresh)

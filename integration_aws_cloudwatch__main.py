@@ -193,7 +193,7 @@ class DataCollector(auth.AwsCollector):
             run['stop'].cancel()
             run['pool'].stop(core.STOP_GRACE)
         # Every region ended and no thread uses them: the next run's.
-        auth.keep_clients([region.client for region in run['regions']])
+        self.keep_clients([region.client for region in run['regions']])
 
     def commit(self):
         """The Runner delivered (or spooled) every point collect() yielded: now

@@ -188,7 +188,8 @@ class DataCollector(auth.AwsCollector):
             order = {m.account_id: n for n, m in enumerate(self.aws.collected)}
             self.results.sort(key=lambda r: (order[r['account']], regions.index(r['region'])))
         finally:
-            openers.stop(core.STOP_GRACE)
+            # Its threads are done, or the run is failing: _finish waits for them.
+            openers.stop(0)
             run['pages'].put(('listed', None, None))     # wakes identity()
 
     def identity(self):
@@ -198,11 +199,17 @@ class DataCollector(auth.AwsCollector):
         run = self._run
         if run is not None and self.members_ready is not None:
             self.aws.identity()         # the management keys' failure first
-            while len(run['early']) < EARLY_POINTS:
+            # The user's hooks run later, in collect(): their lines come after
+            # the accounts'.
+            made = 0
+            while made < EARLY_POINTS:
                 item = run['pages'].get()
                 if item[0] == 'listed':
                     break
-                run['early'].extend(self._page_points(run, item))
+                page = self._page_points(run, item)
+                if page is not None:
+                    run['early'].append(page)
+                    made += len(page[1])
         return super().identity()
 
     def _collect(self):
@@ -213,30 +220,34 @@ class DataCollector(auth.AwsCollector):
             if self.members_ready is not None:
                 self.members_ready.result()     # every account's regions started
             early, run['early'] = run['early'], []
-            yield from early
+            for result, points in early:
+                yield from self._hooked(points, result)
             early = None
             while run['done'] < len(run['regions']):
-                yield from self._page_points(run, run['pages'].get())
+                page = self._page_points(run, run['pages'].get())
+                if page is not None:
+                    yield from self._hooked(page[1], page[0])
+                page = None
         finally:
             _finish(run)
         # Every region ended and no thread uses them: the next run's.
-        auth.keep_clients(run['clients'])
+        self.keep_clients(run['clients'])
 
     def _page_points(self, run, item):
-        """The points of a page from the regions' queue (none for a region's
-        or the listing's end)."""
+        """(result, the points of a page) from the regions' queue, the user's
+        hooks not applied yet; None for a region's or the listing's end."""
         kind, result, reservations = item
         if kind == 'done':
             run['done'] += 1
         if kind != 'page':
-            return []
+            return None
         # Points are a fraction of a parsed page's size: make them, free the
         # page (a parse leaves no cyclic garbage: freed at once) and let the
         # next page be fetched before the points are written.
         points = list(self._points(reservations, result, run['timestamp']))
         reservations = item = None
         run['slots'].release()
-        return points
+        return result, points
 
     def cancel(self):
         """Stop a started collection (the account failed as a whole)."""
@@ -314,11 +325,15 @@ class DataCollector(auth.AwsCollector):
                 tags['AccountName'] = result['account_name']
         for reservation in reservations:
             for instance in reservation.get('Instances', []):
-                point = instance_to_point(instance, result['region'], tags, timestamp)
-                point = self._apply_hooks(point, result)
-                if point is not None:
-                    result['instances'] += 1
-                    yield point
+                yield instance_to_point(instance, result['region'], tags, timestamp)
+
+    def _hooked(self, points, result):
+        """The points the user's hooks (filters, after_collect) keep, counted."""
+        for point in points:
+            point = self._apply_hooks(point, result)
+            if point is not None:
+                result['instances'] += 1
+                yield point
 
     def _apply_hooks(self, point, result):
         return core.apply_hooks(point, self.filters, self.after_collect, result,

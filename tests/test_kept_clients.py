@@ -228,3 +228,36 @@ def test_a_client_idle_too_long_or_of_other_code_is_not_taken(aws, user, estate,
     assert len(made) == 6
     collect(account_of(user))
     assert len(made) == 6
+
+
+def test_a_run_that_times_out_keeps_no_client_not_even_the_identity_calls(aws, user, sink,
+                                                                         monkeypatch):
+    from blackhole import Blackhole
+    hole = Blackhole()
+    try:
+        monkeypatch.setenv('AWS_ENDPOINT_URL_EC2', hole.url)
+        before = set(kept())
+        collector = ec2.DataCollector(account_of(user), {'regions': ['us-east-1']})
+        api = {'title': 't', 'name': 'run', 'timeout': 2,
+               'func': lambda: core.Runner(collector, force=True).run()}
+        assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+    finally:
+        hole.stop()
+    assert set(kept()) == before
+
+
+def test_a_collector_run_again_after_an_sts_outage_asks_again(aws, user, sink, monkeypatch):
+    """The identity call failed (STS unreachable); the same collector run
+    again once STS is back makes a new call and collects."""
+    import socket
+    closed = socket.socket()
+    closed.bind(('127.0.0.1', 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    monkeypatch.setenv('AWS_ENDPOINT_URL_STS', f'http://127.0.0.1:{port}')
+    monkeypatch.setenv('AWS_MAX_ATTEMPTS', '1')
+    collector = ec2.DataCollector(account_of(user), {'regions': ['us-east-1']})
+    with pytest.raises(core.RunFailed, match='sts:GetCallerIdentity'):
+        core.Runner(collector, force=True).run()
+    monkeypatch.delenv('AWS_ENDPOINT_URL_STS')
+    assert core.Runner(collector, force=True).run()['ok']

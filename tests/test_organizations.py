@@ -253,3 +253,96 @@ def test_keys_that_may_not_list_the_organization_are_one_line_saying_what_to_do(
     assert "list the accounts in account['member_accounts'], or use the management account" in lines[0]
     assert not [c for c in calls if c['action'] in ('AssumeRole', 'DescribeInstances')]
     assert sink.points == []
+
+
+# --------------------------------------------------------------------------
+# Accounts started a ListAccounts page at a time (reviewed)
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def one_per_page(monkeypatch):
+    """ListAccounts a page per account, as an Organization of many pages."""
+    import botocore.paginate
+    paginate = botocore.paginate.Paginator.paginate
+
+    def small(self, **kwargs):
+        if self._model.name == 'ListAccounts':
+            kwargs['PaginationConfig'] = {'PageSize': 1}
+        return paginate(self, **kwargs)
+    monkeypatch.setattr(botocore.paginate.Paginator, 'paginate', small)
+
+
+def _our_threads():
+    import threading
+    return [t.name for t in threading.enumerate() if t.name.startswith('integration-') and t.is_alive()]
+
+
+def test_a_listing_denied_midway_fails_at_once_while_roles_hang(aws, org, sink, caplog, one_per_page):
+    """Page 2 of ListAccounts is refused while page 1's member role hangs: one
+    line, at once, and no thread left."""
+    import time
+    caplog.set_level('INFO', logger='integration')
+    base = org['proxy'].rule
+
+    def rule(request):
+        if request['service'] == 'organizations' and b'NextToken' in (request['body'] or b''):
+            return ('status', 400, '{"__type":"AccessDeniedException","Message":"page two denied"}')
+        if request['action'] == 'AssumeRole':
+            return ('delay', 30)
+        return base(request)
+    org['proxy'].rule = rule
+    started = time.monotonic()
+    with pytest.raises(core.RunFailed, match='organizations:ListAccounts'):
+        core.Runner(ec2.DataCollector(org_account(org), {'regions': REGIONS}), force=True).run()
+    assert time.monotonic() - started < 1.5
+    assert len(failure_lines(caplog)) == 1
+    deadline = time.monotonic() + core.STOP_GRACE + 1
+    while time.monotonic() < deadline and _our_threads():
+        time.sleep(0.05)
+    assert not _our_threads()
+    assert sink.points == []
+
+
+def test_hook_lines_come_after_the_account_lines(aws, org, sink, caplog, one_per_page):
+    """Pages that arrive while the accounts are listed become points at once;
+    the user's hooks still run in collect(): their lines follow the accounts'."""
+    caplog.set_level('INFO', logger='integration')
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+
+    def after_collect(point):
+        raise ValueError('boom')
+    for _ in range(3):
+        caplog.clear()
+        with pytest.raises(core.RunFailed):
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}, after_collect=after_collect),
+                        force=True).run()
+        kinds = ['hook' if 'raised ValueError' in line else 'account' for line in
+                 (r.getMessage() for r in caplog.records)
+                 if 'raised ValueError' in line or ' as arn:' in line]
+        assert 'hook' in kinds and kinds == sorted(kinds), kinds
+
+
+def test_after_a_retry_every_account_collected_is_fresh(aws, org, sink):
+    """A member's kept session refused everywhere is retried within the run;
+    then the skip rule holds for every account collected, not only the retried."""
+    from servers import ec2_error
+    members = org['members']
+    wanted = members['with-instances']
+    account = org_account(org, exclude_accounts=[members['without-role']['id']])
+    now = [1_800_000_000.0]
+
+    def run():
+        return core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), clock=lambda: now[0]).run()
+    run()
+    keys = {k for k, arn in org['proxy'].issued.items() if f":{wanted['id']}:" in arn}
+    base = org['proxy'].rule
+    org['proxy'].rule = lambda r: (('status', 401, ec2_error('AuthFailure', 'revoked'))
+                                   if r['service'] == 'ec2' and r['access_key'] in keys else base(r))
+    now[0] += 1000
+    run()
+    collected = {p['tags']['AccountId'] for _, p in sink.points}
+    assert wanted['id'] in collected and len(collected) >= 2
+    now[0] += 300
+    sink.points.clear()
+    run()
+    assert sink.points == [], 'accounts collected 300 s ago were collected again'
