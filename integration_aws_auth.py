@@ -14,6 +14,10 @@ Public entry points
     partition_of(region), check_partition(regions, where) -> partition name.
     sdk_setting_given(name) -> whether the user set botocore's `name` (e.g.
         'max_attempts', 'retry_mode') in the environment or the config file.
+    take_client(session, service, region, config) -> a client of that session,
+        the one the last run of the same credentials kept when there is one;
+    keep_clients(clients): a run that ended well keeps them for the next
+        (without their credentials).
     AccountConfigError (a ValueError, via core.ConfigError): every invalid account, before any AWS call.
     AuthError (a RuntimeError): credentials that AWS (or the machine) refused.
 
