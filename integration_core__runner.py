@@ -1506,16 +1506,6 @@ class Workers:
         self.submit(_settle, future, func, *args)
         return future
 
-    def map(self, func, items):
-        """func(item) for every item, on the pool; once all are done,
-        [(item, its result or the exception it raised)] in order."""
-        futures = [(item, self.run(func, item)) for item in items]
-        out = []
-        for item, future in futures:
-            error = future.exception()
-            out.append((item, error if error is not None else future.result()))
-        return out
-
     def _work(self):
         while True:
             task = self._tasks.get()
