@@ -186,6 +186,13 @@ def _child_env(url, data_path):
     logging.getLogger('integration').setLevel(logging.WARNING)
 
 
+def _child_done(queue_out, figures):
+    """A child's figures to the bench; its state folder removed (multiprocessing's
+    children end without atexit)."""
+    shutil.rmtree(os.environ['INTEGRATION_STATE_DIR'], ignore_errors=True)
+    queue_out.put(figures)
+
+
 def _child_ours(url, data_path, profile, queue_out):
     """Two Runner runs in one process, same cache: cold (now = NOW), steady
     (now = NOW + PERIOD)."""
@@ -219,8 +226,7 @@ def _child_ours(url, data_path, profile, queue_out):
                      'calls': dict(region['calls']), 'discovery': region['discovery']}
         if profiler:
             out['profile'] = profiler.report()
-    shutil.rmtree(os.environ['INTEGRATION_STATE_DIR'], ignore_errors=True)
-    queue_out.put(out)
+    _child_done(queue_out, out)
 
 
 def _child_naive(url, data_path, instance_ids, metric_names, queue_out):
@@ -248,8 +254,8 @@ def _child_naive(url, data_path, instance_ids, metric_names, queue_out):
                                'tags': {'InstanceId': instance_id, 'RegionId': REGION},
                                'fields': {f'{metric}_{s}': float(dp[s]) for s in STATS if s in dp},
                                'timestamp': int(dp['Timestamp'].timestamp()) * 10**9})
-    queue_out.put({'wall': time.perf_counter() - wall, 'cpu': time.process_time() - cpu,
-                   'start': stamp, 'end': time.time(), 'points': len(points)})
+    _child_done(queue_out, {'wall': time.perf_counter() - wall, 'cpu': time.process_time() - cpu,
+                            'start': stamp, 'end': time.time(), 'points': len(points)})
 
 
 def _child_parse(url, data_path, bodies_file, queue_out):
@@ -281,7 +287,7 @@ def _child_parse(url, data_path, bodies_file, queue_out):
                 total += time.process_time() - started
             out[f'{run}_{label}'] = total
         out['protocol'] = protocol
-    queue_out.put(out)
+    _child_done(queue_out, out)
 
 
 class _ThreadProfiler:
