@@ -390,9 +390,7 @@ def validate_account(account, where='account'):
         raise AccountConfigError(
             f'{where} must be a dict such as {{"ak_id": ..., "ak_secret": ...}}, '
             f'not {type(account).__name__}')
-    for key in account:
-        if key not in KNOWN_KEYS:
-            raise AccountConfigError(f'{where}[{key!r}] is not a known key; {_suggest(key, KNOWN_KEYS)}')
+    core.check_keys(account, KNOWN_KEYS, where, AccountConfigError)
     out = {}
     for key, value in account.items():
         if key == 'extra_tags':
@@ -536,13 +534,6 @@ def _check_extra_tags(tags, where):
                 f"{where}['extra_tags'] must not contain 'cloud_provider': every point already "
                 "carries cloud_provider=AWS; remove it or use another key")
     return dict(tags)
-
-
-def _suggest(key, known):
-    near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-    if near:
-        return f'did you mean {near[0]!r}?'
-    return 'known keys: ' + ', '.join(known)
 
 
 # --------------------------------------------------------------------------

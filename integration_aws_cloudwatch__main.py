@@ -56,7 +56,6 @@ IAM permissions: cloudwatch:ListMetrics, cloudwatch:GetMetricData,
 ec2:DescribeRegions (only for ['*']), plus what the account's method needs
 (integration_aws_auth).
 """
-import difflib
 import hashlib
 import logging
 import queue
@@ -559,9 +558,7 @@ def validate_configs(configs):
     if not isinstance(configs, dict):
         raise core.ConfigError(f"{where} must be a dict such as {{'regions': ['cn-northwest-1'], "
                                f"'targets': [{{'namespace': 'AWS/EC2'}}]}}, not {type(configs).__name__}")
-    for key in configs:
-        if key not in CONFIG_KEYS:
-            raise core.ConfigError(f'{where}[{key!r}] is not a known key; {_suggest(key, CONFIG_KEYS)}')
+    core.check_keys(configs, CONFIG_KEYS, where)
     out = dict(DEFAULTS)
     out.update(configs)
     out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")
@@ -587,7 +584,7 @@ def _check_statistics(statistics, where):
     for index, stat in enumerate(statistics):
         if stat not in STATISTICS:
             raise core.ConfigError(f'{where}[{index}] {stat!r} is not a statistic; '
-                                   f'{_suggest(stat, STATISTICS)}')
+                                   f'{core.suggest(stat, STATISTICS, "statistics")}')
         if stat not in out:
             out.append(stat)
     return out
@@ -605,9 +602,7 @@ def _check_targets(targets, where):
         if not isinstance(target, dict):
             raise core.ConfigError(f"{here} must be a dict such as {{'namespace': 'AWS/EC2'}}, "
                                    f'not {type(target).__name__}')
-        for key in target:
-            if key not in TARGET_KEYS:
-                raise core.ConfigError(f'{here}[{key!r}] is not a known key; {_suggest(key, TARGET_KEYS)}')
+        core.check_keys(target, TARGET_KEYS, here)
         namespace = target.get('namespace')
         if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace) or namespace != namespace.strip():
             raise core.ConfigError(f"{here}['namespace'] must be a CloudWatch namespace such as "
@@ -659,11 +654,6 @@ def _check_dimensions(dimensions, where):
     if len(set(dimensions)) != len(dimensions):
         raise core.ConfigError(f'{where} names a dimension twice')
     return tuple(dimensions)
-
-
-def _suggest(key, known):
-    near = difflib.get_close_matches(str(key), known, n=1)
-    return f'did you mean {near[0]!r}?' if near else 'known: ' + ', '.join(known)
 
 
 # --------------------------------------------------------------------------

@@ -32,7 +32,6 @@ sts:GetCallerIdentity (always allowed), plus what the account's method needs
 (integration_aws_auth).
 """
 import datetime
-import difflib
 import gc
 import json
 import logging
@@ -418,11 +417,7 @@ def validate_configs(configs):
     if not isinstance(configs, dict):
         raise core.ConfigError(f"{where} must be a dict such as {{'regions': ['cn-northwest-1']}}, "
                                f'not {type(configs).__name__}')
-    for key in configs:
-        if key not in CONFIG_KEYS:
-            near = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
-            raise core.ConfigError(f'{where}[{key!r}] is not a known key; ' + (
-                f'did you mean {near[0]!r}?' if near else 'known keys: ' + ', '.join(CONFIG_KEYS)))
+    core.check_keys(configs, CONFIG_KEYS, where)
     out = dict(DEFAULTS)
     out.update(configs)
     out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")

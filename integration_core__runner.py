@@ -41,6 +41,7 @@ import base64
 import contextlib
 import datetime
 import decimal
+import difflib
 import fcntl
 import hashlib
 import json
@@ -1529,6 +1530,21 @@ class Workers:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def check_keys(mapping, known, where, error=None):
+    """Every key of `mapping` is one of `known`; else one line naming the
+    unknown key and the nearest known one (or all of them)."""
+    for key in mapping:
+        if key not in known:
+            raise (error or ConfigError)(f'{where}[{key!r}] is not a known key; '
+                                         f'{suggest(key, known, "known keys")}')
+
+
+def suggest(value, known, kind):
+    """'did you mean <the nearest of known>?', or else the list of them."""
+    near = difflib.get_close_matches(str(value), list(known), n=1, cutoff=0.6)
+    return f'did you mean {near[0]!r}?' if near else f'{kind}: ' + ', '.join(map(str, known))
 
 
 def check_int(configs, key, low, high, where):

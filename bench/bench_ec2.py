@@ -310,7 +310,7 @@ def status_mib(key):
     raise RuntimeError(f'no {key} in /proc/self/status (Linux only)')
 
 
-def _result_line(text, what):
+def result_line(text, what):
     for line in reversed(text.splitlines()):
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
@@ -320,14 +320,15 @@ def _result_line(text, what):
 # -- this process: start the others, keep their figures -------------------------------
 
 class Fake:
-    """A scenario's fake in a process of its own."""
+    """A scenario's fake in a process of its own: `bench` --serve-fake
+    PER_REGION LATENCY (this bench's, or bench_organizations.py's)."""
 
-    def __init__(self, per_region, latency):
+    def __init__(self, per_region, latency, bench=__file__):
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), '--serve-fake', str(per_region), str(latency)],
+            [sys.executable, os.path.abspath(bench), '--serve-fake', str(per_region), str(latency)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        info = _result_line(self.proc.stdout.readline(), 'the fake')
-        self.url, self.pages = info['url'], info['pages']
+        info = result_line(self.proc.stdout.readline(), 'the fake')
+        self.url, self.pages = info['url'], info.get('pages')
 
     def ask(self, what):
         with urllib.request.urlopen(f'{self.url}/bench/{what}', timeout=600) as answer:
@@ -360,7 +361,7 @@ def measure(kind, root, fake, regions, warm):
         if proc.returncode != 0:
             raise RuntimeError(f'the measured process ({kind}, {root}) failed: exit status '
                                f'{proc.returncode}')
-        result = _result_line(out, 'the measured process')
+        result = result_line(out, 'the measured process')
         result['rss_mib'] = usage.ru_maxrss / 1024        # KiB on Linux
         result['calls'] = fake.ask('calls')
         return result

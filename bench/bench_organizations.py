@@ -94,6 +94,8 @@ import time
 import urllib.parse
 import urllib.request
 
+import bench_ec2        # beside this file: its pages, its fake's process, its result lines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -106,7 +108,7 @@ FIRST_ACCOUNT = 100000000000         # the management account; members follow
 ORG_PAGE = 20                        # accounts per ListAccounts page (AWS's maximum)
 CONCURRENCY = 32                     # the EC2 collector's pool for an Organization
 GOALS = {'bound': 1.5, 'speedup': 5.0, 'cpu_per_account': 0.1}
-RESULT = 'BENCH-RESULT '
+RESULT = bench_ec2.RESULT
 CALLS = ('AssumeRole', 'GetCallerIdentity', 'ListAccounts', 'DescribeInstances')
 
 
@@ -179,8 +181,6 @@ class FakeAws:
 
     def __init__(self, per_region, latency):
         import http.server
-        sys.path.insert(0, HERE)
-        import bench_ec2        # its realistic DescribeInstances pages
         self.pages = {region: bench_ec2.make_pages(per_region, region) for region in REGIONS}
         self.latency = latency
         self.lock = threading.Lock()
@@ -458,26 +458,7 @@ def ask(url, what, **query):
         return json.loads(answer.read())
 
 
-def _result_line(text, what):
-    for line in reversed(text.splitlines()):
-        if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
-    raise RuntimeError(f'{what} gave no result')
-
-
 # -- this process: start the others, keep their figures ---------------------------------
-
-class Fake:
-    def __init__(self, per_region, latency):
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), '--serve-fake', str(per_region), str(latency)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.url = _result_line(self.proc.stdout.readline(), 'the fake')['url']
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(30)
-
 
 def measure(kind, root, fake, accounts, profile=False):
     state_dir = tempfile.mkdtemp(prefix='bench-org-state-')
@@ -489,7 +470,7 @@ def measure(kind, root, fake, accounts, profile=False):
         if done.returncode != 0:
             raise RuntimeError(f'the measured process ({kind}, {accounts} accounts, {root}) failed: '
                                f'exit status {done.returncode}')
-        return _result_line(done.stdout, 'the measured process')
+        return bench_ec2.result_line(done.stdout, 'the measured process')
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
 
@@ -520,7 +501,7 @@ def bounds(parse, latency, accounts, per_region_pages=1):
 def run(scenario, codes, profile):
     accounts, small = scenario['accounts'], scenario['small']
     latency = scenario['latency']
-    fake = Fake(scenario['per_region'], latency)
+    fake = bench_ec2.Fake(scenario['per_region'], latency, bench=__file__)
     rounds = []
     try:
         for number in range(1, scenario['repeat'] + 1):
