@@ -3,7 +3,6 @@ import base64
 import datetime
 import hashlib
 import hmac
-import http.server
 import json
 import logging
 import os
@@ -986,6 +985,19 @@ def plant_unknown_session(dff, base_secret, verified=False):
         dff.CACHE.delete(key + auth.VERIFIED_SUFFIX)
 
 
+def assert_replaced_once(aws, account, user):
+    """A run shows the planted (refused) session to STS, then assumes the role
+    once with the user's keys and works: its session."""
+    with aws.recording() as calls:
+        session, ident = identity(account)
+        ec2_call(session)
+    actions = [(c['action'], c['access_key']) for c in sts_calls(calls)]
+    assert actions[:2] == [('GetCallerIdentity', 'ASIAEXAMPLEUNKNOWN000'), ('AssumeRole', user['ak_id'])]
+    assert len(sts_calls(calls, 'AssumeRole')) == 1
+    assert 'assumed-role' in ident['arn']
+    return session
+
+
 def test_refused_cached_session_is_replaced_once(aws, user, monkeypatch, caplog):
     dff = FuncDFF()
     monkeypatch.setattr(auth, 'DFF', dff, raising=False)
@@ -993,13 +1005,8 @@ def test_refused_cached_session_is_replaced_once(aws, user, monkeypatch, caplog)
     account = account_of(user, assume_role_arn=role)
     identity(account)
     plant_unknown_session(dff, user['ak_secret'])
-    with caplog.at_level(logging.WARNING, logger='integration'), aws.recording() as calls:
-        session, ident = identity(account)
-        ec2_call(session)
-    actions = [(c['action'], c['access_key']) for c in sts_calls(calls)]
-    assert actions[:2] == [('GetCallerIdentity', 'ASIAEXAMPLEUNKNOWN000'), ('AssumeRole', user['ak_id'])]
-    assert len(sts_calls(calls, 'AssumeRole')) == 1
-    assert 'assumed-role' in ident['arn']
+    with caplog.at_level(logging.WARNING, logger='integration'):
+        session = assert_replaced_once(aws, account, user)
     (line,) = [r.getMessage() for r in caplog.records if 'refused the cached' in r.getMessage()]
     assert 'InvalidClientTokenId' in line and 'unknown-secret-key' not in line
     # The replacement is marked verified: the next run asks STS nothing.
@@ -1030,13 +1037,7 @@ def test_refused_session_checked_within_the_hour_is_caught_by_the_next_check(aws
     assert session.get_credentials().get_frozen_credentials().access_key == 'ASIAEXAMPLEUNKNOWN000'
     assert info.value.response['Error']['Code'] in ('AuthFailure', 'InvalidClientTokenId')
     dff.CACHE.delete(flag)                      # VERIFY_INTERVAL later, Redis drops the flag
-    with aws.recording() as calls:
-        session, ident = identity(account)
-        ec2_call(session)
-    actions = [(c['action'], c['access_key']) for c in sts_calls(calls)]
-    assert actions[:2] == [('GetCallerIdentity', 'ASIAEXAMPLEUNKNOWN000'), ('AssumeRole', user['ak_id'])]
-    assert len(sts_calls(calls, 'AssumeRole')) == 1
-    assert 'assumed-role' in ident['arn']
+    assert_replaced_once(aws, account, user)
 
 
 def test_refused_cached_mfa_session_asks_for_a_fresh_code(aws, sts, user, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import integration_aws_auth as auth
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
-from conftest import account_of, unique
+from conftest import account_of
 from servers import FaultProxy, ec2_error
 
 LAUNCH_TIME_RE = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$')

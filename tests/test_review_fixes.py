@@ -10,7 +10,6 @@ import pytest
 
 import integration_core__runner as core
 import integration_local.runtime as local_runtime
-from conftest import ROOT
 from servers import DataKitReceiver
 from test_runner import FakeCollector, no_wait
 
