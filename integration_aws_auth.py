@@ -565,6 +565,8 @@ def process_shared():
 KEPT_CLIENTS = 256
 KEPT_CLIENT_IDLE = 3600
 _PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'no_proxy', 'all_proxy')
+_CREDENTIAL_VARIABLES = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN',
+                         'AWS_SECURITY_TOKEN')
 
 
 def take_client(session, service, region, config):
@@ -674,8 +676,11 @@ def _client_key(session, service, region, config):
         return None
     loader = session._session.get_component('data_loader')
     operations = sorted(getattr(loader, '_operations', {}).items())
+    # The SDK's settings; not its credentials, which the binding stands for
+    # (the key is then derived from no secret at all).
     environment = sorted((name, value) for name, value in os.environ.items()
-                         if name.startswith('AWS_') or name.lower() in _PROXY_VARIABLES)
+                         if (name.startswith('AWS_') and name not in _CREDENTIAL_VARIABLES)
+                         or name.lower() in _PROXY_VARIABLES)
     config_file = os.path.expanduser(os.environ.get('AWS_CONFIG_FILE') or '~/.aws/config')
     try:
         stat = os.stat(config_file)
