@@ -144,6 +144,7 @@ class DataCollector(auth.AwsCollector):
             'clients': [],      # given back for the next run once this one is over
             'done': 0,          # regions ended
             'early': [],        # points made while identity() waits for the accounts
+            'lock': threading.Lock(),   # ready() runs on the openers' threads
         }
         # From here on cancel() ends it all, however start() itself ends
         # (Func's timeout included, which no `except Exception` sees).
@@ -153,7 +154,6 @@ class DataCollector(auth.AwsCollector):
         self.aws.start_identity(stop, config)
         regions = self.aws.resolve_regions(config)
         self.results = run['regions']
-        run['lock'] = threading.Lock()
 
         def ready(member):
             """Start the member's regions, as soon as it has a session."""
