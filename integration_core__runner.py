@@ -1083,7 +1083,12 @@ TAG_VALUE_MAX_BYTES = 1024      # DataKit cuts longer tag values
 def clean_tags(tags):
     """Tags as collectors should write them: values through tag_value, and
     the empty ones left out."""
-    return {k: v for k, v in ((k, tag_value(v)) for k, v in tags.items()) if v}
+    out = {}
+    for key, value in tags.items():
+        value = tag_value(value)
+        if value:
+            out[key] = value
+    return out
 
 
 def tag_value(value):
@@ -1093,6 +1098,9 @@ def tag_value(value):
     leading or trailing blanks are kept; None or '' means "omit the tag"."""
     if value is None:
         return None
+    if (type(value) is str and len(value) <= TAG_VALUE_MAX_BYTES // 4
+            and '\n' not in value and '\r' not in value):
+        return value        # most values: short, on one line (4 bytes a character at most)
     text = _LINE_BREAK.sub(' ', str(value))
     encoded = text.encode('utf-8')
     if len(encoded) > TAG_VALUE_MAX_BYTES:
@@ -1120,11 +1128,11 @@ def to_line_protocol(point):
     measurement = _lp_name(point['measurement'], ', ')
     if not measurement:
         raise ValueError('a point needs a measurement')
-    tags = []
-    for key, value in sorted((point.get('tags') or {}).items()):
-        key, value = _lp_name(key, ',= '), _lp_name(value, ',= ')
-        if key and value:
-            tags.append(f'{key}={value}')
+    tags = [(str(key), str(value)) for key, value in sorted((point.get('tags') or {}).items())]
+    if not _LP_PLAIN.fullmatch(''.join([key + value for key, value in tags])):
+        # Some name or value to escape (rare): each on its own.
+        tags = [(_lp_name(key, ',= '), _lp_name(value, ',= ')) for key, value in tags]
+    tags = [f'{key}={value}' for key, value in tags if key and value]
     fields = []
     for key, value in (point.get('fields') or {}).items():
         if value is None:
@@ -1161,6 +1169,8 @@ def _lp_name(value, specials):
 
 
 def _lp_field(key, value):
+    if type(value) is str:          # most fields: the JSON of a described resource
+        return _lp_string(value)
     if isinstance(value, bool):
         return 'true' if value else 'false'
     if isinstance(value, int):
@@ -1175,7 +1185,13 @@ def _lp_field(key, value):
         return repr(float(value))
     elif not isinstance(value, str):
         value = json.dumps(value, ensure_ascii=False, default=str)
-    return '"' + value.replace('\\', '\\\\').replace('"', '\\"') + '"'
+    return _lp_string(value)
+
+
+def _lp_string(value):
+    if '\\' in value:
+        value = value.replace('\\', '\\\\')
+    return '"' + value.replace('"', '\\"') + '"'
 
 
 def _lp_timestamp(value):
@@ -1487,18 +1503,30 @@ def _shut(connection):
 
 class Workers:
     """A fixed pool of daemon threads. Unlike ThreadPoolExecutor, nothing
-    joins them at interpreter exit, and stop() waits a bounded time."""
+    joins them at interpreter exit, and stop() waits a bounded time. A thread
+    starts with the task that needs it (up to `count`), so the first task
+    runs at once, not after every thread of the pool has started."""
 
     def __init__(self, count, name):
-        self.size = count = max(1, count)
+        self.size = max(1, count)
+        self._name = name
         self._tasks = queue.Queue()
-        self._threads = [threading.Thread(target=self._work, name=f'integration-{name}-{i}',
-                                          daemon=True) for i in range(count)]
-        for thread in self._threads:
-            thread.start()
+        self._threads = []
+        self._lock = threading.Lock()
+        self._stopped = False
 
     def submit(self, func, *args):
-        self._tasks.put((func, args))
+        with self._lock:
+            if self._stopped:       # no thread would ever run it
+                if func is _settle and not args[0].done():
+                    args[0].set_exception(Cancelled('the run ended before this was done'))
+                return
+            self._tasks.put((func, args))
+            if len(self._threads) < self.size:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f'integration-{self._name}-{len(self._threads)}')
+                thread.start()
+                self._threads.append(thread)
 
     def run(self, func, *args):
         """func(*args) on the pool: a Future of its result, always settled
@@ -1525,10 +1553,13 @@ class Workers:
                 break
             if task is not None and task[0] is _settle and not task[1][0].done():
                 task[1][0].set_exception(Cancelled('the run ended before this was done'))
-        for _ in self._threads:
+        with self._lock:
+            self._stopped = True
+            threads = list(self._threads)
+        for _ in threads:
             self._tasks.put(None)
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 

@@ -732,3 +732,28 @@ def test_serve_kills_a_job_still_running_after_the_grace(tmp_path):
     assert time.monotonic() - started < 10
     assert not marker.exists()
     assert 'job: still running after the 1 s grace period; killed' in out
+
+
+def test_a_pool_starts_a_thread_per_task_up_to_its_size_and_ends_them_all():
+    """Workers: the first task runs before the pool's other threads exist;
+    never more threads than its size; stop() ends every one; a task handed
+    to a stopped pool is settled with an error, never left waiting."""
+    pool = core.Workers(3, 'pooltest')
+    started = threading.Event()
+    release = threading.Event()
+    first = pool.run(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+
+    def ours():
+        return [t for t in threading.enumerate() if t.name.startswith('integration-pooltest-')]
+    assert len(ours()) == 1
+    futures = [pool.run(time.sleep, 0.05) for _ in range(6)]
+    assert len(ours()) == 3
+    release.set()
+    for future in [first] + futures:
+        future.result(10)
+    pool.stop(5)
+    assert not [t for t in ours() if t.is_alive()]
+    late = pool.run(lambda: 'never')
+    with pytest.raises(core.Cancelled):
+        late.result(1)
