@@ -318,6 +318,29 @@ def test_transform_of_a_recorded_instance():
     assert 'UserData' not in message and 'c2VjcmV0' not in json.dumps(point)
 
 
+@pytest.mark.parametrize('change', [
+    {},
+    {'NetworkInterfaces': [{'NetworkInterfaceId': 'eni-1', 'Attachment': {
+        'AttachTime': datetime.datetime(2021, 10, 26, 7, 0, 44, 250000, tzinfo=datetime.timezone.utc)}}]},
+    {'BlockDeviceMappings': [], 'Placement': {}, 'Tags': None},
+    # A NUL or the text of one, which AWS never sends (XML has no NUL): the
+    # message is still exactly the instance's JSON.
+    {'Tags': [{'Key': 'Name', 'Value': 'a\x00b'}]},
+    {'Tags': [{'Key': 'Name', 'Value': '\\u0000Tags'}], 'KeyName': '"\\u0000Placement"'},
+])
+def test_fields_are_the_instance_parts_and_message_its_whole_json(change):
+    instance = dict(RECORDED, **change)
+    point = ec2.instance_to_point(instance, 'cn-northwest-1', {}, 0)
+    plain = json.JSONEncoder(ensure_ascii=False, separators=(',', ':'), default=ec2._json_default)
+    shown = {k: v for k, v in instance.items() if k != 'UserData'}
+    assert point['fields']['message'] == plain.encode(shown)
+    for key, empty in (('BlockDeviceMappings', '[]'), ('NetworkInterfaces', '[]'),
+                       ('Placement', '{}'), ('Tags', '[]')):
+        assert point['fields'][key] == (plain.encode(instance[key]) if instance.get(key) else empty)
+    assert list(point['fields']) == ['BlockDeviceMappings', 'NetworkInterfaces', 'Placement',
+                                     'Tags', 'LaunchTime', 'message']
+
+
 def test_empty_name_tag_is_omitted_and_long_values_are_cut():
     instance = dict(RECORDED, Tags=[{'Key': 'Name', 'Value': ''}], InstanceType='x' * 2000)
     point = ec2.instance_to_point(instance, 'cn-northwest-1', {}, 0)

@@ -50,6 +50,45 @@ def test_timestamps_and_numbers_are_typed_as_botocore_types_them():
     assert instance['Tags'] == [{'Key': 'Name', 'Value': ''}] and instance['Placement'] == {}
 
 
+@pytest.mark.parametrize('text, expected', [
+    ('2026-11-29T10:00:00.000Z', '2026-11-29T10:00:00Z'),       # AWS's own form
+    ('2026-11-29T10:00:00Z', '2026-11-29T10:00:00Z'),
+    ('2026-11-29T10:00:00.250Z', '2026-11-29T10:00:00.250000Z'),
+    ('2026-11-29T12:00:00+02:00', '2026-11-29T10:00:00Z'),
+    ('2026-02-30T10:00:00.000Z', None),                         # no such day: an error
+])
+def test_a_collectors_text_timestamps_are_iso_time_of_botocores_datetimes(text, expected):
+    """With text_timestamps (the EC2 collector's sessions), EC2's times come as
+    the text iso_time makes of the datetime botocore would give, all else alike."""
+    shape = dict(output_shapes('ec2', 'DescribeInstances'))['DescribeInstances']
+    body = (f'<DescribeInstancesResponse xmlns="{NAMESPACE}"><reservationSet><item><instancesSet><item>'
+            f'<instanceId>i-1</instanceId><launchTime>{text}</launchTime><blockDeviceMapping><item>'
+            f'<deviceName>/dev/xvda</deviceName><ebs><attachTime>{text}</attachTime></ebs></item>'
+            '</blockDeviceMapping></item></instancesSet></item></reservationSet></DescribeInstancesResponse>'
+            ).encode()
+    factory = auth.new_botocore_session(text_timestamps=True).get_component('response_parser_factory')
+    parser = factory.create_parser('ec2')
+    response = {'body': body, 'headers': {}, 'status_code': 200}
+    if expected is None:
+        with pytest.raises(Exception):
+            botocore.parsers.EC2QueryParser(timestamp_parser=auth.fast_timestamp).parse(dict(response), shape)
+        with pytest.raises(Exception):
+            parser.parse(dict(response), shape)
+        return
+    stock = botocore.parsers.EC2QueryParser().parse(dict(response), shape)
+    text_parsed = parser.parse(dict(response), shape)
+    instance = text_parsed['Reservations'][0]['Instances'][0]
+    assert instance['LaunchTime'] == expected == auth.iso_time(
+        stock['Reservations'][0]['Instances'][0]['LaunchTime'])
+    assert instance['BlockDeviceMappings'][0]['Ebs']['AttachTime'] == expected
+    # Only EC2's: STS (AssumeRole's Expiration) and sessions without it keep datetimes.
+    assert isinstance(factory.create_parser('query'), auth.FastQueryParser)
+    assert factory.create_parser('query')._timestamp_parser is auth.fast_timestamp
+    plain = auth.new_botocore_session().get_component('response_parser_factory').create_parser('ec2')
+    assert isinstance(plain.parse(dict(response), shape)['Reservations'][0]['Instances'][0]['LaunchTime'],
+                      datetime.datetime)
+
+
 def synthetic_shape(members, extra_shapes=None):
     shapes = {'Out': {'type': 'structure', 'members': members},
               'S': {'type': 'string'}, 'I': {'type': 'integer'},
