@@ -233,17 +233,13 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
         frozen = _require_default_chain(bs).get_frozen_credentials()
         binding = _Binding(('chain', frozen.access_key, _keyed_digest(frozen.secret_key)),
                            _seal_keys(frozen.secret_key), None, bool(frozen.token))
-    session = boto3.session.Session(botocore_session=bs, region_name=region)
+    session = _boto3_session(bs, region)
     session.integration_forget = forget
     # What a member account's session (member_session) is bound to: the base
     # credentials behind this one, never the secret itself.
     session.integration_binding = _Binding(
         ('via', method, account.get('assume_role_arn'), account.get('serial_number'), binding.key),
         binding.seal_keys, None, method != 'access_key' or binding.chained)
-    # boto3 appends its data folder to the loader's search path per session;
-    # the loader is shared and lives as long as the process: keep it short.
-    paths = bs.get_component('data_loader').search_paths
-    paths[:] = list(dict.fromkeys(paths))
     _limit_operations(bs, operations)
     return session
 
@@ -273,10 +269,21 @@ def member_session(management, account, member_id, cache=None, clock=None, watch
         clock=clock or _utcnow, binding=binding)
     fetcher.watch = watch
     bs._credentials = fetcher.refreshable_credentials()
-    session = boto3.session.Session(botocore_session=bs, region_name=region)
+    session = _boto3_session(bs, region)
     _limit_operations(bs, operations)
     session.integration_binding = _Binding(('member', member_id, base.key), base.seal_keys, None, True)
     session.integration_forget = fetcher.forget
+    return session
+
+
+def _boto3_session(bs, region):
+    """A boto3 Session around a botocore session of new_botocore_session.
+    boto3 appends its data folder to the loader's search path per session;
+    the loader is shared and lives as long as the process (an Organization
+    makes a session per member account and run): keep the path short."""
+    session = boto3.session.Session(botocore_session=bs, region_name=region)
+    paths = bs.get_component('data_loader').search_paths
+    paths[:] = list(dict.fromkeys(paths))
     return session
 
 

@@ -9,6 +9,7 @@ import urllib.parse
 
 import pytest
 
+import integration_aws_auth as auth
 import integration_aws_cloudwatch__main as cw
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
@@ -75,6 +76,12 @@ def test_a_second_run_makes_no_sts_call(aws, org, sink):
         core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
     assert [c['action'] for c in calls if c['service'] == 'sts'] == []
     assert len(sink.points) == 2 * first
+    # The process's one model loader: a run's member sessions leave its
+    # search path as they found it (boto3 adds a folder per session).
+    paths = list(auth.process_shared().data['loader'].search_paths)
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assert auth.process_shared().data['loader'].search_paths == paths
+    assert len(paths) == len(set(paths))
 
 
 def test_an_account_created_between_runs_is_picked_up(aws, org, sink, emulator):
