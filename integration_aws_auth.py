@@ -763,8 +763,9 @@ def fast_timestamp(value):
 
 
 # AWS's own form of a time in XML, 2021-10-26T07:00:44.000Z (or without the
-# milliseconds): its iso_time text is a slice of it.
-_AWS_TIME = re.compile(r'\d{4}-\d\d-\d\dT([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.000)?Z')
+# milliseconds; ASCII digits, a year from 1000): its iso_time text is a slice
+# of it.
+_AWS_TIME = re.compile(r'[1-9][0-9]{3}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.000)?Z')
 
 
 def text_timestamp(value):

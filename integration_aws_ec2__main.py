@@ -36,6 +36,7 @@ import gc
 import json
 import logging
 import queue
+import re
 import threading
 import time
 
@@ -387,7 +388,7 @@ JSON_FIELDS = {'BlockDeviceMappings': '[]', 'NetworkInterfaces': '[]', 'Placemen
 # What holds a field's place in `message` until its text goes in: a NUL, which
 # no instance from AWS has (XML 1.0 cannot carry one).
 _PLACE = {key: '\x00' + key for key in JSON_FIELDS}
-_PLACE_JSON = {key: '"\\u0000' + key + '"' for key in JSON_FIELDS}
+_PLACED = re.compile(r'"\\u0000(BlockDeviceMappings|NetworkInterfaces|Placement|Tags)"')
 
 
 def _message(instance, fields, encode):
@@ -400,9 +401,8 @@ def _message(instance, fields, encode):
     text = encode(placed)
     if text.count('\\u0000') != len(used):
         return encode(instance)     # a NUL of the caller's own: encoded as it is
-    for key in used:
-        text = text.replace(_PLACE_JSON[key], fields[key], 1)
-    return text
+    # One pass: a field's text, once in, is not searched again.
+    return _PLACED.sub(lambda place: fields[place.group(1)], text)
 
 
 def _encoder():
@@ -428,7 +428,8 @@ def _make_encoder():
     try:
         # (markers, default, encoder, indent, key_separator, item_separator,
         #  sort_keys, skipkeys, allow_nan), as JSONEncoder.iterencode passes
-        # them; markers None: parsed responses have no cycles.
+        # them; markers None: parsed responses have no cycles (a cyclic
+        # value is a RecursionError here, json's ValueError otherwise).
         chunks = make(None, _json_default, json.encoder.encode_basestring, None, ':', ',',
                       False, False, True)
     except TypeError:

@@ -1098,9 +1098,9 @@ def tag_value(value):
     leading or trailing blanks are kept; None or '' means "omit the tag"."""
     if value is None:
         return None
-    if (type(value) is str and len(value) <= TAG_VALUE_MAX_BYTES // 4
+    if (type(value) is str and value.isascii() and len(value) <= TAG_VALUE_MAX_BYTES
             and '\n' not in value and '\r' not in value):
-        return value        # most values: short, on one line (4 bytes a character at most)
+        return value        # most values: short ASCII text on one line
     text = _LINE_BREAK.sub(' ', str(value))
     encoded = text.encode('utf-8')
     if len(encoded) > TAG_VALUE_MAX_BYTES:
@@ -1144,6 +1144,10 @@ def to_line_protocol(point):
     timestamp = point.get('timestamp')
     if timestamp is not None:
         line += f' {_lp_timestamp(timestamp)}'
+    if not line.isascii():
+        # A text with no UTF-8 (a lone surrogate): this point's error
+        # (UnicodeEncodeError), not its batch's when it is sent.
+        line.encode('utf-8')
     return line
 
 
@@ -1521,12 +1525,24 @@ class Workers:
                 if func is _settle and not args[0].done():
                     args[0].set_exception(Cancelled('the run ended before this was done'))
                 return
-            self._tasks.put((func, args))
             if len(self._threads) < self.size:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f'integration-{self._name}-{len(self._threads)}')
-                thread.start()
-                self._threads.append(thread)
+                self._start_thread()
+            self._tasks.put((func, args))
+
+    def _start_thread(self):
+        thread = threading.Thread(target=self._work, daemon=True,
+                                  name=f'integration-{self._name}-{len(self._threads)}')
+        try:
+            thread.start()
+        except RuntimeError:
+            # "can't start new thread": the threads there are do the work; with
+            # none, the caller is told, and nothing was queued.
+            if not self._threads:
+                raise
+            LOG.warning('a %s thread could not start: %d thread(s) do the work',
+                        self._name, len(self._threads))
+            return
+        self._threads.append(thread)
 
     def run(self, func, *args):
         """func(*args) on the pool: a Future of its result, always settled

@@ -206,20 +206,30 @@ def test_bad_points_are_still_narrowed_and_dead_lettered(use, receiver, tmp_path
 
 
 class BrokenPointCollector(FakeCollector):
+    broken = {'measurement': 'aws_ec2', 'tags': {'name': 'no-fields'}, 'fields': {}}
+
     def collect(self):
         yield from super().collect()
-        yield {'measurement': 'aws_ec2', 'tags': {'name': 'no-fields'}, 'fields': {}}
+        yield self.broken
 
 
-def test_a_point_that_cannot_be_encoded_is_dead_lettered_not_sent(local_dff, receiver, tmp_path):
+class SurrogatePointCollector(BrokenPointCollector):
+    # A lone surrogate (never from AWS: a user's hook or extra_tags) has no UTF-8.
+    broken = {'measurement': 'aws_ec2', 'tags': {'name': 'surrogate'}, 'fields': {'f': 'ops\udcff'}}
+
+
+@pytest.mark.parametrize('collector, error', [(BrokenPointCollector, 'has no fields'),
+                                              (SurrogatePointCollector, 'surrogate')])
+def test_a_point_that_cannot_be_encoded_is_dead_lettered_not_sent(local_dff, receiver, tmp_path,
+                                                                   collector, error):
     with pytest.raises(core.RunFailed) as info:
-        core.Runner(BrokenPointCollector(5)).run()
+        core.Runner(collector(5)).run()
     assert sorted(receiver.names()) == [f'i-{n}' for n in range(5)]
     assert receiver.attempts == 1
     (dead,) = files(dead_dir(tmp_path))
     entry = json.loads(dead.read_text())
-    assert [p['name'] for p in entry['points']] == ['no-fields']
-    assert 'has no fields' in entry['error'] and entry['points'][0]['point']['fields'] == {}
+    assert [p['name'] for p in entry['points']] == [collector.broken['tags']['name']]
+    assert error in entry['error'] and entry['points'][0]['point']['fields'] == collector.broken['fields']
     assert not files(spool_dir(tmp_path))
     assert info.value.summary['points_spooled'] == 0
 

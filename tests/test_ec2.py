@@ -327,6 +327,9 @@ def test_transform_of_a_recorded_instance():
     # message is still exactly the instance's JSON.
     {'Tags': [{'Key': 'Name', 'Value': 'a\x00b'}]},
     {'Tags': [{'Key': 'Name', 'Value': '\\u0000Tags'}], 'KeyName': '"\\u0000Placement"'},
+    # A field's own text naming a later field, as a value or as a key.
+    {'BlockDeviceMappings': ['\x00Placement'], 'Placement': {'AvailabilityZone': 'az'}},
+    {'NetworkInterfaces': [{'\x00Tags': 1}], 'Tags': [{'Key': 'a', 'Value': 'b'}]},
 ])
 def test_fields_are_the_instance_parts_and_message_its_whole_json(change):
     instance = dict(RECORDED, **change)

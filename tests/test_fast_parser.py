@@ -15,6 +15,7 @@ import random
 
 import botocore.model
 import botocore.parsers
+import botocore.utils
 import pytest
 
 import integration_aws_auth as auth
@@ -87,6 +88,15 @@ def test_a_collectors_text_timestamps_are_iso_time_of_botocores_datetimes(text, 
     plain = auth.new_botocore_session().get_component('response_parser_factory').create_parser('ec2')
     assert isinstance(plain.parse(dict(response), shape)['Reservations'][0]['Instances'][0]['LaunchTime'],
                       datetime.datetime)
+
+
+@pytest.mark.parametrize('text', [
+    '2026-11-29T10:00:00.000Z', '2026-11-29T10:00:00Z', '2026-11-29T10:00:00.123456Z',
+    '2026-11-29t10:00:00z', '2026-11-29T10:00:00-05:00', '0500-01-01T00:00:00.000Z',
+    '\uff12\uff10\uff12\uff16-11-29T10:00:00Z', '2026-11-29T23:59:59.000Z', '1000-01-01T00:00:00Z',
+])
+def test_text_timestamp_is_iso_time_of_botocores_datetime(text):
+    assert auth.text_timestamp(text) == auth.iso_time(botocore.utils.parse_timestamp(text))
 
 
 def synthetic_shape(members, extra_shapes=None):

@@ -757,3 +757,38 @@ def test_a_pool_starts_a_thread_per_task_up_to_its_size_and_ends_them_all():
     late = pool.run(lambda: 'never')
     with pytest.raises(core.Cancelled):
         late.result(1)
+
+
+def test_a_pool_thread_that_cannot_start_leaves_the_work_to_the_others(monkeypatch):
+    """"can't start new thread": with a thread running, the task still runs,
+    once; with none, submit() says so and queues nothing."""
+    starts = []
+    real_start = threading.Thread.start
+
+    def start(thread):
+        starts.append(thread.name)
+        if len(starts) > 1:
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+    monkeypatch.setattr(threading.Thread, 'start', start)
+    pool = core.Workers(3, 'startfail')
+    ran = []
+    futures = [pool.run(ran.append, n) for n in range(3)]
+    assert [f.result(10) for f in futures] == [None] * 3 and sorted(ran) == [0, 1, 2]
+    pool.stop(5)
+    empty = core.Workers(2, 'startfail-none')
+    starts.append('make the next start fail')
+    with pytest.raises(RuntimeError, match="can't start"):
+        empty.run(ran.append, 'never')
+    empty.stop(1)
+    assert 'never' not in ran
+
+
+def test_tag_values_keep_their_rules():
+    assert core.tag_value('web server\t ') == 'web server\t '
+    assert core.tag_value('a\r\nb\nc') == 'a b c'
+    assert core.tag_value('x' * 1024) == 'x' * 1024 and len(core.tag_value('x' * 1025)) == 1024
+    assert core.tag_value('é' * 600).encode() == ('é' * 512).encode()
+    assert core.tag_value(42) == '42' and core.tag_value(None) is None
+    with pytest.raises(UnicodeEncodeError):
+        core.tag_value('ops\udcff')        # no UTF-8: as before
