@@ -1562,6 +1562,9 @@ class Workers:
     def stop(self, timeout):
         """Drop the tasks not yet started (a map() waiting on them gets an
         error, never a hang), end the threads, wait up to `timeout`."""
+        with self._lock:        # first: no task comes in after the drop
+            self._stopped = True
+            threads = list(self._threads)
         while True:
             try:
                 task = self._tasks.get_nowait()
@@ -1569,9 +1572,6 @@ class Workers:
                 break
             if task is not None and task[0] is _settle and not task[1][0].done():
                 task[1][0].set_exception(Cancelled('the run ended before this was done'))
-        with self._lock:
-            self._stopped = True
-            threads = list(self._threads)
         for _ in threads:
             self._tasks.put(None)
         deadline = time.monotonic() + timeout
