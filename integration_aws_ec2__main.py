@@ -332,16 +332,14 @@ class DataCollector(auth.AwsCollector):
 
     def _hooked(self, points, result):
         """The points the user's hooks (filters, after_collect) keep, counted."""
-        if not self.filters and self.after_collect is None:
-            for point in points:
-                result['instances'] += 1
-                yield point
-            return
+        hooked = bool(self.filters) or self.after_collect is not None
         for point in points:
-            point = self._apply_hooks(point, result)
-            if point is not None:
-                result['instances'] += 1
-                yield point
+            if hooked:
+                point = self._apply_hooks(point, result)
+                if point is None:
+                    continue
+            result['instances'] += 1
+            yield point
 
     def _apply_hooks(self, point, result):
         return core.apply_hooks(point, self.filters, self.after_collect, result,

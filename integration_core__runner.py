@@ -1560,8 +1560,8 @@ class Workers:
             func(*args)
 
     def stop(self, timeout):
-        """Drop the tasks not yet started (a map() waiting on them gets an
-        error, never a hang), end the threads, wait up to `timeout`."""
+        """Drop the tasks not yet started (the Future of a run() not started
+        gets an error, never a hang), end the threads, wait up to `timeout`."""
         with self._lock:        # first: no task comes in after the drop
             self._stopped = True
             threads = list(self._threads)
