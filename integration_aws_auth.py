@@ -597,7 +597,7 @@ def take_client(session, service, region, config):
             getattr(entry[1], 'close', lambda: None)()      # idle too long: a new one
         elif entry is not None:
             client = entry[1]
-            _bind_credentials(client, session._session.get_credentials())
+            _bind_credentials(client, session._session)
     if client is None:
         client = session.client(service, region_name=region, config=config)
     client._integration_key = key
@@ -629,10 +629,16 @@ def keep_clients(clients):
         getattr(client, 'close', lambda: None)()
 
 
-def _bind_credentials(client, credentials):
-    """Where a botocore client holds its credentials: its request signer, and
+def _bind_credentials(client, bs):
+    """Sign with the credentials of the botocore session `bs` (None: with
+    none). Where a botocore client holds them: its request signer (the
+    credentials, and the SSO bearer token of a profile with sso_session), and
     the endpoint rules' account id (a deferred read of the credentials)."""
-    client._request_signer._credentials = credentials
+    credentials = bs.get_credentials() if bs is not None else None
+    signer = client._request_signer
+    signer._credentials = credentials
+    if hasattr(signer, '_auth_token'):
+        signer._auth_token = bs.get_auth_token() if bs is not None else None
     builtins = getattr(getattr(client, '_ruleset_resolver', None), '_builtins', None)
     if isinstance(builtins, dict) and _ACCOUNT_ID_BUILTIN in builtins:
         builtins[_ACCOUNT_ID_BUILTIN] = (credentials.get_deferred_property('account_id')
@@ -957,7 +963,7 @@ def _xml_plan(shape):
     members = model.get('members') if isinstance(model, dict) else None
     if members is None:
         return None
-    plans = process_shared().data.setdefault('xml_plans.v1', {})   # .v1: the plans' format
+    plans = process_shared().data.setdefault(('xml_plans', _code_version()), {})
     entry = plans.get(id(members))
     if entry is not None and entry[0] is members:
         return entry[1]
@@ -1028,7 +1034,7 @@ class _LimitedLoader:
         if type_name != 'service-2' or not names:
             return model
         shared = process_shared()
-        key = ('limited_model', service_name, api_version, names)
+        key = ('limited_model', service_name, api_version, names, _code_version())
         entry = shared.data.get(key)
         if entry is None or entry[0] is not model:
             entry = (model, limited_model(model, names))
@@ -1785,7 +1791,11 @@ class CollectorAccount:
         return self._session
 
     def start_identity(self, cancellation, config=None):
-        """Begin the identity call in the background (a no-op once known)."""
+        """Begin the identity call in the background (a no-op once known or
+        under way; a run again after it failed asks again)."""
+        pending = self._pending_identity
+        if pending is not None and pending.done() and pending.exception() is not None:
+            self._pending_identity = None
         if self._identity is None and self._pending_identity is None:
             session = self.session()
             sts = cancellation.watch(take_client(session, 'sts', session.region_name, config))
@@ -1802,14 +1812,12 @@ class CollectorAccount:
             if self._identity is None:
                 pending = self._pending_identity
                 if pending is not None:
-                    # Kept until it has answered: a wait cut short (Func's
-                    # timeout) leaves it to the next caller, which must not
-                    # ask again; a failed call is not kept for the next run.
-                    try:
-                        self._identity = pending.result()
-                    finally:
-                        if pending.done():
-                            self._pending_identity = None
+                    # Kept until it has answered (a wait cut short by Func's
+                    # timeout leaves it to the next caller), and when it failed,
+                    # for the rest of the run: every caller (the Runner, the
+                    # accounts' listing) gets its error, none asks again.
+                    self._identity = pending.result()
+                    self._pending_identity = None
                 else:
                     self._identity = describe_identity(
                         self.session(), self.account, cache=self.cache,
@@ -2009,7 +2017,6 @@ class AwsCollector:
     # True: EC2's timestamps come as iso_time's text (FastParserFactory).
     text_timestamps = False
     account_tags = ('AccountId', 'AccountName')     # an Organization's member accounts
-    members_ready = None    # a Future: the accounts listed by a subclass's start()
 
     def __init__(self, account, configs, filters, after_collect, cache=None, clock=None):
         validate_account(account)           # the account's mistakes are reported first
@@ -2045,13 +2052,8 @@ class AwsCollector:
 
     def identity(self):
         """The account in use (method, account id, ARN, partition): one sts call,
-        already under way in the background when start() ran. A collector
-        that lists an Organization's accounts in the background (members_ready)
-        has them all once this returns: a failure to list them is the account's."""
-        identity = self.aws.identity()
-        if self.members_ready is not None:
-            self.members_ready.result()
-        return identity
+        already under way in the background when start() ran."""
+        return self.aws.identity()
 
     def collect(self):
         """The subclass's _collect(); then, for an account whose kept session

@@ -114,6 +114,7 @@ class DataCollector(auth.AwsCollector):
                  cache=None, clock=None):
         super().__init__(account, configs, filters, after_collect, cache=cache, clock=clock)
         self._run = None
+        self.members_ready = None   # a Future: an Organization's accounts all listed (start)
 
     @staticmethod
     def validate_configs(configs):
@@ -178,7 +179,8 @@ class DataCollector(auth.AwsCollector):
         # An Organization's accounts are listed a page at a time: each page's
         # accounts start at once, while the next page is asked for. identity()
         # waits for the whole list (the Runner's account lines need it).
-        self.members_ready = core.in_background(self._members, run, ready, regions)
+        self.members_ready = core.in_background(self._members, run, ready, regions,
+                                                name='ec2-accounts-listing')
 
     def _members(self, run, ready, regions):
         # Member roles are assumed on a pool of their own: the regions' pool
@@ -213,7 +215,10 @@ class DataCollector(auth.AwsCollector):
                 if page is not None:
                     run['early'].append(page)
                     made += len(page[1])
-        return super().identity()
+        identity = super().identity()
+        if self.members_ready is not None:
+            self.members_ready.result()     # a failure to list the accounts is the account's
+        return identity
 
     def _collect(self):
         """Yield points page by page, regions in parallel; fill self.results."""

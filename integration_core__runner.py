@@ -1395,12 +1395,13 @@ def _safe_name(text):
 STOP_GRACE = 2.0      # seconds a stopped collection waits for its threads to end
 
 
-def in_background(func, *args, **kwargs):
-    """func(*args, **kwargs) in a thread of its own; a Future of its result.
-    The future is always settled, so whoever waits on it never hangs."""
+def in_background(func, *args, name='identity', **kwargs):
+    """func(*args, **kwargs) in a thread of its own (integration-<name>); a
+    Future of its result. The future is always settled, so whoever waits on
+    it never hangs."""
     future = Future()
     threading.Thread(target=_settle, args=(future, func) + args, kwargs=kwargs,
-                     name='integration-identity', daemon=True).start()
+                     name=f'integration-{name}', daemon=True).start()
     return future
 
 

@@ -4,6 +4,8 @@ import ipaddress
 import os
 import socket
 import sys
+import threading
+import time
 import uuid
 
 import pytest
@@ -232,3 +234,14 @@ def sink():
     out = Sink()
     local_runtime.install(local_runtime.LocalDFF(output=out))
     return out
+
+
+def our_threads_left(grace):
+    """The names of our threads (integration-*) still alive after up to
+    `grace` seconds (polled: returns as soon as none is left)."""
+    def alive():
+        return [t.name for t in threading.enumerate() if t.name.startswith('integration-') and t.is_alive()]
+    deadline = time.monotonic() + grace
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive()

@@ -1226,3 +1226,28 @@ def test_a_kept_session_refused_in_every_region_is_replaced_in_the_same_run(aws,
     assert summary['ok'] and [r['error'] for r in summary['collectors'][0]['regions']] == [None, None]
     assert {r['access_key'] for r in refusing.seen if r['service'] == 'ec2'} - {old_key}, \
         'the second round used the new session'
+
+
+def test_a_failed_identity_call_is_asked_once_a_run_and_again_the_next(monkeypatch):
+    """Every caller of a run (the Runner, an Organization's listing) gets the
+    failed identity call's error; none asks AWS again. The next run does."""
+    asked = []
+
+    def refused(*args, **kwargs):
+        asked.append(1)
+        raise auth.AuthError('sts:GetCallerIdentity: InvalidClientTokenId')
+    monkeypatch.setattr(auth, 'describe_identity', refused)
+    monkeypatch.setattr(auth, 'take_client', lambda *args: object())
+    aws = auth.CollectorAccount({'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'x' * 40},
+                                ['us-east-1'])
+    monkeypatch.setattr(aws, 'session', lambda: type('S', (), {'region_name': 'us-east-1'})())
+    watching = type('C', (), {'watch': staticmethod(lambda client: client)})()
+    aws.start_identity(watching)
+    for _ in range(3):
+        with pytest.raises(auth.AuthError, match='InvalidClientTokenId'):
+            aws.identity()
+    assert len(asked) == 1
+    aws.start_identity(watching)        # the next run
+    with pytest.raises(auth.AuthError):
+        aws.identity()
+    assert len(asked) == 2

@@ -170,7 +170,7 @@ def test_a_repeated_element_is_read_as_botocore_reads_it():
 def test_plans_are_made_once_per_shape_not_per_client():
     """botocore copies a query protocol's output shape (its resultWrapper) for
     every client: the plans stay one per shape however many clients parse."""
-    plans = auth.process_shared().data.setdefault('xml_plans.v1', {})
+    plans = auth.process_shared().data.setdefault(('xml_plans', auth._code_version()), {})
     body = ('<GetCallerIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">'
             '<GetCallerIdentityResult><Arn>arn:aws:iam::123456789012:user/u</Arn>'
             '<UserId>AIDA</UserId><Account>123456789012</Account></GetCallerIdentityResult>'

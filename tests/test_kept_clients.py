@@ -9,13 +9,14 @@ import time
 
 import botocore.credentials
 import botocore.session
+import botocore.tokens
 import pytest
 
 import integration_aws_auth as auth
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 import integration_local.cli as local_cli
-from conftest import account_of
+from conftest import account_of, our_threads_left
 from servers import FaultProxy
 
 REGIONS = ['us-east-1', 'us-west-2']
@@ -97,9 +98,6 @@ def test_a_changed_sdk_environment_gets_new_clients(aws, user, estate, sink, mad
         proxy.stop()
 
 
-def _our_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith('integration-') and t.is_alive()]
-
 
 def test_a_taken_client_is_cancelled_with_its_run_and_a_stopped_run_keeps_none(
         aws, user, estate, sink, made, monkeypatch):
@@ -121,10 +119,7 @@ def test_a_taken_client_is_cancelled_with_its_run_and_a_stopped_run_keeps_none(
         assert local_cli.run_api(api) == local_cli.EXIT_FAILED
         assert time.monotonic() - started < 2 + 1.5
         assert made == taken, 'the hanging run did not take the kept clients'
-        deadline = time.monotonic() + core.STOP_GRACE + 1
-        while time.monotonic() < deadline and _our_threads():
-            time.sleep(0.05)
-        assert not _our_threads(), 'a thread still waits on a request of the cancelled run'
+        assert our_threads_left(core.STOP_GRACE + 1) == [], 'a thread still waits on a request of the cancelled run'
         assert not [c for _, c in kept().values() if c in taken]
         hang.clear()
         collect(account)
@@ -163,7 +158,8 @@ def reachable(root, secrets):
             continue
         if isinstance(obj, (int, float, bytes, type(None), type, types.ModuleType)):
             continue
-        if isinstance(obj, botocore.credentials.Credentials):
+        if isinstance(obj, (botocore.credentials.Credentials, botocore.tokens.DeferredRefreshableToken,
+                            botocore.tokens.FrozenAuthToken)):
             found.append(f'{path}: {type(obj).__name__}')
             continue
         if isinstance(obj, dict):
@@ -197,6 +193,32 @@ def test_what_the_process_keeps_holds_no_credentials(aws, user, estate, sink):
     token = session.get_credentials().get_frozen_credentials()
     found = reachable(auth.process_shared().data, [user['ak_secret'], token.secret_key, token.token])
     assert found == []
+
+
+def test_a_kept_client_holds_no_sso_token(aws, user, estate, sink, monkeypatch, tmp_path):
+    """A profile with sso_session gives every client an SSO bearer token: a
+    kept client holds none, and the run that takes it gives it its own."""
+    import hashlib
+    import json as json_
+    cache = tmp_path / '.aws' / 'sso' / 'cache'
+    cache.mkdir(parents=True)
+    config = tmp_path / '.aws' / 'config'
+    config.write_text('[default]\nsso_session = corp\n\n[sso-session corp]\nsso_region = us-east-1\n'
+                      'sso_start_url = https://example.awsapps.com/start\n')
+    (cache / (hashlib.sha1(b'corp').hexdigest() + '.json')).write_text(json_.dumps({
+        'accessToken': 'sso-bearer-not-real', 'expiresAt': '2999-01-01T00:00:00Z',
+        'region': 'us-east-1', 'startUrl': 'https://example.awsapps.com/start'}))
+    monkeypatch.setattr(botocore.tokens.SSOTokenProvider, '_SSO_TOKEN_CACHE_DIR', str(cache))
+    monkeypatch.setenv('AWS_CONFIG_FILE', str(config))
+    monkeypatch.setenv('AWS_ACCESS_KEY_ID', user['ak_id'])
+    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', user['ak_secret'])
+    collect({})                         # the default chain: the keys of the environment
+    ours = [client for _, client in kept().values() if client.meta.region_name in REGIONS]
+    assert ours and all(c._request_signer._auth_token is None for c in ours)
+    assert reachable(auth.process_shared().data, [user['ak_secret'], 'sso-bearer-not-real']) == []
+    taken = auth.take_client(auth.get_session({}, region=REGIONS[0]), 'ec2', REGIONS[0],
+                             auth.client_config({}, 'integration_aws_ec2'))
+    assert taken._request_signer._auth_token.get_frozen_token().token == 'sso-bearer-not-real'
 
 
 def test_a_changed_config_file_gets_new_clients(aws, user, estate, sink, made, monkeypatch, tmp_path):

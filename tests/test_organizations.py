@@ -13,7 +13,7 @@ import integration_aws_auth as auth
 import integration_aws_cloudwatch__main as cw
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
-from conftest import account_of, unique
+from conftest import account_of, our_threads_left, unique
 from integration_local.emulator import READ_POLICY
 from org_estate import EXTERNAL_ID, ORG_POLICY, REGIONS, ROLE, member_creds
 
@@ -230,7 +230,8 @@ def failure_lines(caplog):
     return [r.getMessage() for r in caplog.records if r.levelname in ('WARNING', 'ERROR')]
 
 
-def test_keys_aws_refuses_are_one_line_from_the_identity_call(aws, org, sink, caplog):
+@pytest.mark.parametrize('collector', [ec2.DataCollector, cw.DataCollector])
+def test_keys_aws_refuses_are_one_line_from_the_identity_call(aws, org, sink, caplog, collector):
     """The accounts are listed while the identity call runs; keys AWS refuses
     still cost one line, the identity call's, and no member role is tried."""
     caplog.set_level('INFO', logger='integration')
@@ -238,11 +239,13 @@ def test_keys_aws_refuses_are_one_line_from_the_identity_call(aws, org, sink, ca
     account['ak_secret'] = 'y' * 40
     with aws.recording() as calls:
         with pytest.raises(core.RunFailed) as info:
-            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+            core.Runner(collector(account, {'regions': REGIONS}), force=True).run()
     lines = failure_lines(caplog)
     assert len(lines) == 1 and 'FAILED: account: AuthError: sts:GetCallerIdentity: SignatureDoesNotMatch' in lines[0]
     assert 'sts:GetCallerIdentity: SignatureDoesNotMatch' in str(info.value)
-    assert not [c for c in calls if c['action'] in ('AssumeRole', 'DescribeInstances')]
+    assert not [c for c in calls if c['action'] in ('AssumeRole', 'DescribeInstances', 'ListMetrics')]
+    # Asked once: the Runner and the accounts' listing both get its answer.
+    assert [c['action'] for c in calls if c['service'] == 'sts'] == ['GetCallerIdentity']
     assert sink.points == []
 
 
@@ -279,10 +282,6 @@ def one_per_page(monkeypatch):
     monkeypatch.setattr(botocore.paginate.Paginator, 'paginate', small)
 
 
-def _our_threads():
-    import threading
-    return [t.name for t in threading.enumerate() if t.name.startswith('integration-') and t.is_alive()]
-
 
 def test_a_listing_denied_midway_fails_at_once_while_roles_hang(aws, org, sink, caplog, one_per_page):
     """Page 2 of ListAccounts is refused while page 1's member role hangs: one
@@ -303,10 +302,7 @@ def test_a_listing_denied_midway_fails_at_once_while_roles_hang(aws, org, sink, 
         core.Runner(ec2.DataCollector(org_account(org), {'regions': REGIONS}), force=True).run()
     assert time.monotonic() - started < 1.5
     assert len(failure_lines(caplog)) == 1
-    deadline = time.monotonic() + core.STOP_GRACE + 1
-    while time.monotonic() < deadline and _our_threads():
-        time.sleep(0.05)
-    assert not _our_threads()
+    assert our_threads_left(core.STOP_GRACE + 1) == []
     assert sink.points == []
 
 

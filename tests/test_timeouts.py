@@ -5,7 +5,6 @@ import gc
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import integration_aws_ec2__main as ec2
 import integration_local.cli as local_cli
 import integration_local.runtime as local_runtime
 from blackhole import Blackhole
-from conftest import ROOT
+from conftest import ROOT, our_threads_left
 from servers import DataKitReceiver
 
 
@@ -69,10 +68,7 @@ def test_after_a_timeout_no_thread_goes_on_calling_aws(seed_estate, receiver, bl
     assert local_cli.run_api(api) == local_cli.EXIT_FAILED
     assert time.monotonic() - started < 2 + 1.5
     assert gc.get_threshold() == threshold
-    deadline = time.monotonic() + core.STOP_GRACE + 1
-    while time.monotonic() < deadline and _our_threads():
-        time.sleep(0.05)
-    assert not _our_threads()
+    assert our_threads_left(core.STOP_GRACE + 1) == []
     calls = len(blackhole.requests)
     assert calls >= 1
     time.sleep(3)
@@ -94,14 +90,8 @@ def test_an_account_that_fails_while_regions_hang_ends_in_seconds(user, receiver
     assert time.monotonic() - started < 10
     failed = [r for r in caplog.records if 'FAILED' in r.getMessage()]
     assert len(failed) == 1 and 'sts:GetCallerIdentity' in failed[0].getMessage()
-    deadline = time.monotonic() + core.STOP_GRACE + 1
-    while time.monotonic() < deadline and _our_threads():
-        time.sleep(0.05)
-    assert not _our_threads()
+    assert our_threads_left(core.STOP_GRACE + 1) == []
 
-
-def _our_threads():
-    return [t.name for t in threading.enumerate() if t.name.startswith('integration-') and t.is_alive()]
 
 
 @pytest.mark.parametrize('hanging', ['every STS call', 'AssumeRole'])
@@ -129,10 +119,7 @@ def test_a_timeout_while_member_roles_are_assumed_leaves_nothing_behind(aws, use
         started = time.monotonic()
         assert local_cli.run_api(api) == local_cli.EXIT_FAILED
         assert time.monotonic() - started < 2 + 1.5
-        deadline = time.monotonic() + core.STOP_GRACE + 1
-        while time.monotonic() < deadline and _our_threads():
-            time.sleep(0.05)
-        assert not _our_threads()
+        assert our_threads_left(core.STOP_GRACE + 1) == []
         seen = lambda: len(blackhole.requests) + len([r for r in slow.seen if r['action'] == 'AssumeRole'])  # noqa: E731
         calls = seen()
         assert calls >= 1
