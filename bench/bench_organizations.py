@@ -71,6 +71,9 @@ lower bound = max(chain x latency + parse CPU along the chain, total parse CPU)
   latency + the chain before the pages, and the "GIL floor", the chain's
   latency + the parse of every page (all the pages are parsed in one process,
   one at a time, and none can arrive before the chain).
+  Also printed: sequential wall / ours CPU, the most the speedup over one
+  account after another can be in one process (no run takes less wall than
+  its CPU: the threads take turns at the GIL), and ours wall / its CPU.
 
 Goals (issue 10 item 4): wall <= 1.5 x the bound; >= 5 x faster than one
 account after another; CPU per extra account <= 0.1 s beyond parsing its
@@ -608,7 +611,10 @@ def table(rounds, codes, scenario):
                 f"{calls(xs[-1]['small_calls'])}. Parse of one account's {xs[0]['pages']} pages: ours "
                 f"{m('parse_per_account'):.3f} s, botocore's default {m('parse_per_account_default'):.3f} s "
                 f"(CPU per extra account beyond the default parse "
-                f"{_spread([x['beyond_default_parse'] for x in xs], '.3f')} s)")
+                f"{_spread([x['beyond_default_parse'] for x in xs], '.3f')} s). Ours can take no "
+                f"less wall than its CPU: sequential wall / ours CPU "
+                f"{_spread([x['seq_wall'] / x['cpu'] for x in xs], '.1f')}x is the most its speedup "
+                f"can be; ours wall / its CPU {_spread([x['wall'] / x['cpu'] for x in xs], '.2f')}x")
             ob, sp, cpa = m('over_bound'), m('speedup'), m('beyond_parse')
             sts = xs[-1]['calls'].get('AssumeRole', 0) + xs[-1]['calls'].get('GetCallerIdentity', 0)
             verdicts.append(
