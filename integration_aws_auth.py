@@ -109,14 +109,17 @@ ACCOUNT_LIST_KEYS = ('member_accounts', 'exclude_accounts')
 SECRET_KEYS = ('ak_secret', 'token_code')
 DEFAULT_ROLE_SESSION_NAME = 'Integration'
 
-# AWS's documented limits (aws-facts.md, "STS limits").
-ROLE_ARN_RE = re.compile(r'^arn:(aws[a-z-]*):iam::(\d{12}):role/([\w+=,.@/-]{1,512})$')
-SESSION_NAME_RE = re.compile(r'^[\w+=,.@-]{2,64}$')
-EXTERNAL_ID_RE = re.compile(r'^[\w+=,.@:/-]{2,1224}$')
-SERIAL_NUMBER_RE = re.compile(r'^[\w+=/:,.@-]{9,256}$')
-TOKEN_CODE_RE = re.compile(r'^\d{6}$')
-ACCOUNT_ID_RE = re.compile(r'^\d{12}$')
-ROLE_NAME_RE = re.compile(r'^(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,64}$')
+# AWS's documented limits (aws-facts.md, "STS limits"). ASCII only: AWS's
+# \w and digits are ASCII, and a full-width digit typed by an input method
+# must be one line here, not a refusal from AWS that blames the trust policy
+# (or, in exclude_accounts, an account quietly not excluded).
+ROLE_ARN_RE = re.compile(r'^arn:(aws[a-z-]*):iam::(\d{12}):role/([\w+=,.@/-]{1,512})$', re.ASCII)
+SESSION_NAME_RE = re.compile(r'^[\w+=,.@-]{2,64}$', re.ASCII)
+EXTERNAL_ID_RE = re.compile(r'^[\w+=,.@:/-]{2,1224}$', re.ASCII)
+SERIAL_NUMBER_RE = re.compile(r'^[\w+=/:,.@-]{9,256}$', re.ASCII)
+TOKEN_CODE_RE = re.compile(r'^\d{6}$', re.ASCII)
+ACCOUNT_ID_RE = re.compile(r'^\d{12}$', re.ASCII)
+ROLE_NAME_RE = re.compile(r'^(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,64}$', re.ASCII)
 ACCESS_KEY_ID_RE = re.compile(r'^[A-Z0-9]{16,128}$')
 ROLE_DURATION = (900, 43200)
 SESSION_TOKEN_DURATION = (900, 129600)
@@ -178,6 +181,11 @@ UNSIGNED_CODES = ('SignatureDoesNotMatch', 'InvalidClientTokenId', 'IncompleteSi
 # A cached session is shown to AWS at most this often (see _check_cached).
 VERIFY_INTERVAL = 3600
 VERIFIED_SUFFIX = ':verified'
+# An Organization's management account without the member role (the usual
+# case: service-managed StackSets leave it out) is asked again at most this
+# often; between, runs skip it with the line AWS gave, and ask STS nothing.
+MANAGEMENT_ROLE_RECHECK = 3600
+MANAGEMENT_ROLE_KEY_PREFIX = 'integration_aws_auth:management-role:'
 SESSION_FIELDS = ('access_key', 'secret_key', 'token', 'expiry_time', 'issued')
 
 # The STS region of each partition when the account names no region.
@@ -193,7 +201,12 @@ class AccountConfigError(core.ConfigError):
 
 
 class AuthError(RuntimeError):
-    """Credentials could not be obtained or were refused; one line, no secret."""
+    """Credentials could not be obtained or were refused; one line, no secret.
+    `code`: AWS's error code, when AWS answered."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
 
 
 # --------------------------------------------------------------------------
@@ -439,6 +452,11 @@ def _check_combination(raw, acc, where):
             raise AccountConfigError(
                 f'{where}[{key!r}] is empty: fill in the IAM user\'s access key, or remove '
                 "ak_id and ak_secret to use the EC2 instance's IAM role")
+    if 'member_role_name' in raw and 'member_role_name' not in acc:
+        # Blank, it would quietly collect this account alone.
+        raise AccountConfigError(
+            f"{where}['member_role_name'] is empty: name the role to assume in every member "
+            "account (e.g. 'OrganizationReadOnly'), or remove the key to collect only this account")
     if 'ak_id' in acc and 'ak_secret' not in acc:
         missing('ak_id', 'ak_secret', 'add the secret access key that belongs to this key id')
     if 'ak_secret' in acc and 'ak_id' not in acc:
@@ -476,22 +494,24 @@ FORMATS = (
     ('assume_role_arn', ROLE_ARN_RE, lambda v: f'is not a role ARN (got {v!r}): expected '
                                                'arn:<partition>:iam::<12-digit account id>:role/<name>'),
     ('role_session_name', SESSION_NAME_RE, lambda v: (
-        f'must be 2-64 characters of letters, digits and +=,.@_- (got {v!r}); '
+        f'must be 2-64 characters of ASCII letters, digits and +=,.@_- (got {v!r}); '
         f'the default is {DEFAULT_ROLE_SESSION_NAME!r}')),
     ('external_id', EXTERNAL_ID_RE, lambda v: (
-        f'must be 2-1224 characters of letters, digits and +=,.@:/_- (got {len(v)} characters): '
+        f'must be 2-1224 characters of ASCII letters, digits and +=,.@:/_- (got {len(v)} characters): '
         "copy it from the role's trust policy")),
     ('serial_number', SERIAL_NUMBER_RE, lambda v: (
         "must be the MFA device's ARN (arn:aws:iam::123456789012:mfa/NAME) or hardware serial, "
         f'9-256 characters (got {v!r})')),
     ('token_code', TOKEN_CODE_RE, lambda v: (
-        f'must be exactly 6 digits, the code the MFA device shows now (got {len(v)} characters)')),
+        'must be exactly 6 digits, the code the MFA device shows now (got '
+        + (f'{len(v)} characters)' if len(v) != 6 else '6 characters, not all of them 0-9)'))),
     ('member_role_name', ROLE_NAME_RE, lambda v: (
-        f'must be a role name (1-64 characters of letters, digits and +=,.@_-, optionally after '
-        f"a path such as 'audit/'), not an ARN (got {v!r}): the role is assumed as "
+        'must be a role name (1-64 characters of ASCII letters, digits and +=,.@_-, optionally '
+        "after a path such as 'audit/')" + (', not an ARN' if v.startswith('arn:') else '')
+        + f' (got {v!r}): the role is assumed as '
         "arn:<partition>:iam::<member id>:role/<member_role_name> in every member account")),
     ('member_external_id', EXTERNAL_ID_RE, lambda v: (
-        f'must be 2-1224 characters of letters, digits and +=,.@:/_- (got {len(v)} characters): '
+        f'must be 2-1224 characters of ASCII letters, digits and +=,.@:/_- (got {len(v)} characters): '
         "copy it from the member roles' trust policy")),
 )
 
@@ -506,7 +526,7 @@ def _check_account_ids(value, where):
         if not isinstance(item, str) or not ACCOUNT_ID_RE.match(item.strip()):
             shown = item if isinstance(item, str) else f'{item!r} ({type(item).__name__})'
             raise AccountConfigError(f'{where}[{index}] must be a 12-digit account id in quotes, '
-                                     f"e.g. '111122223333' (got {shown})")
+                                     f"e.g. '111122223333', digits 0-9 only (got {shown})")
         if item.strip() in out:
             raise AccountConfigError(f'{where}[{index}] lists {item.strip()} a second time')
         out.append(item.strip())
@@ -1393,7 +1413,7 @@ class _TemporaryCredentialFetcher:
                 # key): it judged no MFA code, so the code is still unused.
                 self._forget_code()
                 raise AuthError(line + "; check account['ak_id'] and account['ak_secret']") from None
-            raise AuthError(self._explain(line)) from None
+            raise AuthError(self._explain(line), e.response.get('Error', {}).get('Code')) from None
         except (EndpointConnectionError, ConnectTimeoutError) as e:
             # The request never reached AWS, so the MFA code was not consumed.
             self._forget_code()
@@ -1900,7 +1920,7 @@ class CollectorAccount:
             self._session = None        # the next session() starts a new one
         return dropped
 
-    def members(self, cancellation, pool, fresh=None, ready=None):
+    def members(self, cancellation, pool, fresh=None, ready=None, recheck=False):
         """The accounts to collect, each a Member with a session or the one line
         saying why not. Without member_role_name: the account itself. With it:
         every account of account['member_accounts'], or else every ACTIVE
@@ -1908,7 +1928,10 @@ class CollectorAccount:
         each member's role is assumed on `pool` as soon as its page of the
         listing arrives, and `ready(member)` (on the pool) may start on it at
         once. `fresh` (the Runner's skip rule) leaves out the accounts
-        collected too recently."""
+        collected too recently. The management account, which is collected
+        only when the role exists there, is skipped without asking STS while
+        an earlier run's refusal is under MANAGEMENT_ROLE_RECHECK old, unless
+        `recheck` (check's rows ask AWS)."""
         if not self.organization:
             self.collected = [Member(None, None, self.session())]
             return self.collected
@@ -1917,6 +1940,7 @@ class CollectorAccount:
         listed = self.account.get('member_accounts')
         excluded = set(self.account.get('exclude_accounts', ()))
         out, opening = [], []
+        refused = {}        # the management account's refusal, from an earlier run
 
         def take(page):
             for account_id, name, status in page:
@@ -1930,6 +1954,8 @@ class CollectorAccount:
                     member.skipped = f'the account is {status}'
                 elif recent:
                     member.skipped = recent
+                elif account_id == refused.get('account_id'):
+                    member.skipped = refused['skipped']
                 else:
                     opening.append((member, pool.run(self._open_member, member, ready)))
                 out.append(member)
@@ -1940,6 +1966,7 @@ class CollectorAccount:
             if listed:
                 take([(a, None, 'ACTIVE') for a in listed])
             else:
+                refused.update(({} if recheck else self._known_refusal()) or {})
                 self._list_accounts(cancellation, take)
         except AuthError:
             self.identity()     # keys AWS refuses: the identity call's line says so
@@ -1953,11 +1980,47 @@ class CollectorAccount:
             if member.account_id == management['account_id'] and not listed:
                 # The management account is included only when the role exists there.
                 member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
+                if getattr(outcome, 'code', None) == 'AccessDenied':
+                    self._remember_refusal(member)
             else:
                 member.error = line
         out.sort(key=lambda m: m.account_id)
         self.collected = out
         return out
+
+    def _refusal_key(self):
+        """Bound to the management keys (as its sessions are: no secret in
+        it), the role and how it is asked for."""
+        return MANAGEMENT_ROLE_KEY_PREFIX + _hash(
+            self.session().integration_binding.key, self.account['member_role_name'],
+            self.account.get('member_external_id'), self.account.get('role_session_name'),
+            self.partition)
+
+    def _known_refusal(self):
+        """{account_id, skipped} of the management account whose role an
+        earlier run found refused (AccessDenied), while that is under
+        MANAGEMENT_ROLE_RECHECK old; else None."""
+        cache = self.cache if self.cache is not None else _default_cache()
+        record = _read_record(cache, self._refusal_key(), lambda r: (
+            ACCOUNT_ID_RE.match(r['account_id']) and isinstance(r['skipped'], str)
+            and _is_time(r['checked'])), "the management account's refusal of the member role")
+        if record is None:
+            return None
+        checked = _parse_time(record['checked'])
+        if not 0 <= ((self.clock or _utcnow)() - checked).total_seconds() < MANAGEMENT_ROLE_RECHECK:
+            return None
+        again = _format_time(checked + datetime.timedelta(seconds=MANAGEMENT_ROLE_RECHECK))
+        return {'account_id': record['account_id'],
+                'skipped': f"{record['skipped']}; asked again after {again}"}
+
+    def _remember_refusal(self, member):
+        cache = self.cache if self.cache is not None else _default_cache()
+        try:
+            cache.set(self._refusal_key(), json.dumps({
+                'account_id': member.account_id, 'skipped': member.skipped,
+                'checked': _format_time((self.clock or _utcnow)())}), expire=MANAGEMENT_ROLE_RECHECK)
+        except Exception as e:      # a broken cache costs an AssumeRole next run, not this run
+            LOG.warning('[AWS auth] cannot keep the management account\'s refusal: %s', type(e).__name__)
 
     def _open_member(self, member, ready=None):
         session = member_session(self.session(), self.account, member.account_id,
@@ -2104,7 +2167,7 @@ def check_accounts(aws, config, service, probe, explain):
     stop = core.Cancellation()
     pool = core.Workers(4, 'check')
     try:
-        members = aws.members(stop, pool)
+        members = aws.members(stop, pool, recheck=True)
         regions = aws.resolve_regions(config)
     finally:
         stop.cancel()

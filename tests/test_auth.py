@@ -706,6 +706,8 @@ BAD_ACCOUNTS = [
     ('serial without token', {**GOOD, 'serial_number': SERIAL}, "account['token_code'] is missing"),
     ('token 5 digits', {**GOOD, 'serial_number': SERIAL, 'token_code': '12345'}, 'exactly 6 digits'),
     ('token letters', {**GOOD, 'serial_number': SERIAL, 'token_code': '12a456'}, 'exactly 6 digits'),
+    ('token full-width digits', {**GOOD, 'serial_number': SERIAL, 'token_code': '１２３４５６'},
+     'exactly 6 digits, the code the MFA device shows now (got 6 characters, not all of them 0-9)'),
     ('token as int', {**GOOD, 'serial_number': SERIAL, 'token_code': 123456}, "write the code as '012345'"),
     ('serial too short', {**GOOD, 'serial_number': 'abc', 'token_code': '918273'}, "account['serial_number'] must be"),
     ('mfa without keys', {'serial_number': SERIAL, 'token_code': '918273'}, "account['ak_id'] is missing"),

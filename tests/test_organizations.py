@@ -3,6 +3,7 @@ enforcement on, an Organization of a management account and three members
 (one without the role, one with instances in two regions, one whose role
 requires an ExternalId), and a proxy doing what moto leaves out: a role in
 another account must exist and trust the caller's ExternalId."""
+import datetime
 import json
 import re
 import urllib.parse
@@ -15,7 +16,7 @@ import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 from conftest import account_of, our_threads_left, unique
 from integration_local.emulator import READ_POLICY
-from org_estate import EXTERNAL_ID, ORG_POLICY, REGIONS, ROLE, member_creds
+from org_estate import ACCESS_DENIED, EXTERNAL_ID, ORG_POLICY, REGIONS, ROLE, member_creds
 
 def org_account(org, **extra):
     return account_of(org['user'], member_role_name=ROLE, member_external_id=EXTERNAL_ID, **extra)
@@ -213,6 +214,16 @@ BAD = [
     ({'member_role_name': 'r', 'exclude_accounts': ['1234']}, "account['exclude_accounts'][0] must be a 12-digit account id"),
     ({'member_role_name': 'r', 'member_accounts': ['111122223333', '111122223333']}, 'lists 111122223333 a second time'),
     ({'member_role_name': 'r', 'extra_tags': {'AccountId': 'x'}}, "account['extra_tags']['AccountId'] would overwrite"),
+    # Full-width digits (an input method's): AWS's ids are ASCII. Excluded,
+    # such an id would quietly exclude nothing.
+    ({'member_role_name': 'r', 'member_accounts': ['１１１１２２２２３３３３']},
+     "account['member_accounts'][0] must be a 12-digit account id in quotes, e.g. '111122223333', digits 0-9 only"),
+    ({'member_role_name': 'r', 'exclude_accounts': ['１１１１２２２２３３３３']},
+     "account['exclude_accounts'][0] must be a 12-digit account id"),
+    ({'member_role_name': 'réader'}, "account['member_role_name'] must be a role name (1-64 characters of ASCII letters"),
+    # Blank, the role name would quietly collect the one account.
+    ({'member_role_name': ''}, "account['member_role_name'] is empty: name the role to assume in every member account"),
+    ({'member_role_name': '   ', 'member_accounts': ['111122223333']}, "account['member_role_name'] is empty"),
 ]
 
 
@@ -224,6 +235,61 @@ def test_a_bad_organization_key_is_one_line_before_any_call(aws, extra, expected
             ec2.DataCollector(account, {'regions': ['us-east-1']})
     assert expected in str(info.value) and '\n' not in str(info.value)
     assert calls == []
+
+
+def test_the_management_account_without_the_role_costs_no_sts_call_between_hourly_checks(
+        aws, org, sink, caplog):
+    """The management account is collected only when the role exists there,
+    and service-managed StackSets leave it out: steady state must still ask
+    STS nothing. Its refusal is kept an hour, then asked again."""
+    caplog.set_level('INFO', logger='integration')
+    management_role = f'arn:aws:iam::123456789012:role/{ROLE}'
+    cross_account = org['proxy'].rule
+
+    def rule(request):
+        if request['service'] == 'sts' and request['action'] == 'AssumeRole' and dict(
+                urllib.parse.parse_qsl(request['body'].decode())).get('RoleArn') == management_role:
+            return ('status', 403, ACCESS_DENIED.format(caller='the caller', role=management_role))
+        return cross_account(request)
+    org['proxy'].rule = rule
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+    now = [datetime.datetime.now(datetime.timezone.utc)]
+
+    def run():
+        caplog.clear()
+        org['proxy'].seen.clear()
+        with aws.recording() as calls:
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0]),
+                        force=True).run()
+        skipped = [r.getMessage() for r in caplog.records
+                   if 'account 123456789012' in r.getMessage() and 'skipped' in r.getMessage()]
+        assumed = [dict(urllib.parse.parse_qsl(r['body'].decode()))['RoleArn']
+                   for r in org['proxy'].seen if r['action'] == 'AssumeRole']
+        return calls, skipped, assumed
+    calls, skipped, assumed = run()
+    assert management_role in assumed
+    assert len(skipped) == 1 and f"skipped: the management account: its role '{ROLE}' cannot be " \
+        'assumed (sts:AssumeRole: AccessDenied' in skipped[0]
+    first = len(sink.points)
+    assert first and '123456789012' not in by_account(sink)
+    # The next run, 15 minutes later: the same line, and not one STS call.
+    now[0] += datetime.timedelta(minutes=15)
+    calls, skipped, assumed = run()
+    assert [c['action'] for c in calls if c['service'] == 'sts'] == [] and assumed == []
+    assert len(skipped) == 1 and 'cannot be assumed (sts:AssumeRole: AccessDenied' in skipped[0] \
+        and '; asked again after ' in skipped[0]
+    assert len(sink.points) == 2 * first
+    # An hour after the refusal: asked again (the role may exist by now).
+    now[0] += datetime.timedelta(minutes=46)
+    calls, skipped, assumed = run()
+    assert management_role in assumed and len(skipped) == 1 and 'asked again' not in skipped[0]
+    # check asks AWS whatever a run found.
+    org['proxy'].seen.clear()
+    rows = ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0]).check()
+    assert [r for r in rows if r['region'] == '123456789012'][0]['reason'].startswith(
+        'skipped: the management account')
+    assert management_role in [dict(urllib.parse.parse_qsl(r['body'].decode()))['RoleArn']
+                               for r in org['proxy'].seen if r['action'] == 'AssumeRole']
 
 
 def failure_lines(caplog):
