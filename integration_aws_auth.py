@@ -1941,6 +1941,7 @@ class CollectorAccount:
         excluded = set(self.account.get('exclude_accounts', ()))
         out, opening = [], []
         refused = {}        # the management account's refusal, from an earlier run
+        skipped_as_refused = []
 
         def take(page):
             for account_id, name, status in page:
@@ -1956,6 +1957,7 @@ class CollectorAccount:
                     member.skipped = recent
                 elif account_id == refused.get('account_id'):
                     member.skipped = refused['skipped']
+                    skipped_as_refused.append(member)
                 else:
                     opening.append((member, pool.run(self._open_member, member, ready)))
                 out.append(member)
@@ -1972,6 +1974,16 @@ class CollectorAccount:
             self.identity()     # keys AWS refuses: the identity call's line says so
             raise
         management = self.identity()
+        for member in skipped_as_refused:
+            if member.account_id != management['account_id']:
+                # Only the management account's refusal is kept: a record
+                # naming another account counts as absent.
+                LOG.warning("[AWS auth] ignoring a kept refusal of the member role that names "
+                            "account %s, not the management account: it counts as absent",
+                            member.account_id)
+                self._forget_refusal()
+                member.skipped = None
+                opening.append((member, pool.run(self._open_member, member, ready)))
         for member, opened in opening:
             outcome = opened.exception()
             if outcome is None:
@@ -1999,11 +2011,16 @@ class CollectorAccount:
     def _known_refusal(self):
         """{account_id, skipped} of the management account whose role an
         earlier run found refused (AccessDenied), while that is under
-        MANAGEMENT_ROLE_RECHECK old; else None."""
+        MANAGEMENT_ROLE_RECHECK old; else None. The record is sealed like the
+        sessions (the cache is shared: a record only the management keys
+        could make), and members() still checks it names the management
+        account once that is known."""
         cache = self.cache if self.cache is not None else _default_cache()
-        record = _read_record(cache, self._refusal_key(), lambda r: (
+        key, what = self._refusal_key(), "the management account's refusal of the member role"
+        record, sealed = _read_sealed(cache, key, self.session().integration_binding.seal_keys, what)
+        record = _checked_record(cache, key, record if sealed else {}, lambda r: (
             ACCOUNT_ID_RE.match(r['account_id']) and isinstance(r['skipped'], str)
-            and _is_time(r['checked'])), "the management account's refusal of the member role")
+            and '\n' not in r['skipped'] and _is_time(r['checked'])), what)
         if record is None:
             return None
         checked = _parse_time(record['checked'])
@@ -2015,12 +2032,20 @@ class CollectorAccount:
 
     def _remember_refusal(self, member):
         cache = self.cache if self.cache is not None else _default_cache()
+        record = json.dumps({'account_id': member.account_id, 'skipped': member.skipped,
+                             'checked': _format_time((self.clock or _utcnow)())})
         try:
-            cache.set(self._refusal_key(), json.dumps({
-                'account_id': member.account_id, 'skipped': member.skipped,
-                'checked': _format_time((self.clock or _utcnow)())}), expire=MANAGEMENT_ROLE_RECHECK)
+            cache.set(self._refusal_key(), _seal(self.session().integration_binding.seal_keys, record),
+                      expire=MANAGEMENT_ROLE_RECHECK)
         except Exception as e:      # a broken cache costs an AssumeRole next run, not this run
             LOG.warning('[AWS auth] cannot keep the management account\'s refusal: %s', type(e).__name__)
+
+    def _forget_refusal(self):
+        cache = self.cache if self.cache is not None else _default_cache()
+        try:
+            cache.delete(self._refusal_key())
+        except Exception as e:
+            LOG.warning('[AWS auth] cannot drop the kept refusal: %s', type(e).__name__)
 
     def _open_member(self, member, ready=None):
         session = member_session(self.session(), self.account, member.account_id,

@@ -283,6 +283,21 @@ def test_the_management_account_without_the_role_costs_no_sts_call_between_hourl
     now[0] += datetime.timedelta(minutes=46)
     calls, skipped, assumed = run()
     assert management_role in assumed and len(skipped) == 1 and 'asked again' not in skipped[0]
+    # The record is sealed with the management keys (the cache is shared):
+    # a plain one counts as absent, and one naming a member, however made,
+    # does not skip that member.
+    collector = ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0])
+    key, cache = collector.aws._refusal_key(), core.default_cache()
+    assert cache.get(key).startswith(auth.SEALED_PREFIX) and '123456789012' not in cache.get(key)
+    member = org['members']['with-instances']['id']
+    for planted in (json.dumps({'account_id': member, 'skipped': 'planted', 'checked': auth._format_time(now[0])}),
+                    auth._seal(auth._seal_keys(org['user']['ak_secret']), json.dumps(
+                        {'account_id': member, 'skipped': 'planted', 'checked': auth._format_time(now[0])}))):
+        cache.set(key, planted, expire=3600)
+        sink.points.clear()
+        calls, skipped, assumed = run()
+        assert member in by_account(sink) and not any('planted' in r.getMessage() for r in caplog.records)
+        assert any('counts as absent' in r.getMessage() for r in caplog.records)
     # check asks AWS whatever a run found.
     org['proxy'].seen.clear()
     rows = ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0]).check()
