@@ -113,7 +113,8 @@ DEFAULT_ROLE_SESSION_NAME = 'Integration'
 # \w and digits are ASCII, and a full-width digit typed by an input method
 # must be one line here, not a refusal from AWS that blames the trust policy
 # (or, in exclude_accounts, an account quietly not excluded).
-ROLE_ARN_RE = re.compile(r'^arn:(aws[a-z-]*):iam::(\d{12}):role/([\w+=,.@/-]{1,512})$', re.ASCII)
+ROLE_ARN_RE = re.compile(r'^arn:(aws[a-z-]*):iam::(\d{12}):role/((?:[\w+=,.@-]+/){0,32}[\w+=,.@-]{1,64})$',
+                         re.ASCII)
 SESSION_NAME_RE = re.compile(r'^[\w+=,.@-]{2,64}$', re.ASCII)
 EXTERNAL_ID_RE = re.compile(r'^[\w+=,.@:/-]{2,1224}$', re.ASCII)
 SERIAL_NUMBER_RE = re.compile(r'^[\w+=/:,.@-]{9,256}$', re.ASCII)
@@ -452,11 +453,27 @@ def _check_combination(raw, acc, where):
             raise AccountConfigError(
                 f'{where}[{key!r}] is empty: fill in the IAM user\'s access key, or remove '
                 "ak_id and ak_secret to use the EC2 instance's IAM role")
-    if 'member_role_name' in raw and 'member_role_name' not in acc:
-        # Blank, it would quietly collect this account alone.
+    # Blank, these would quietly choose another way to sign in, or collect
+    # this account alone (blank modifiers, such as external_id, count as absent).
+    for key, fix in (('assume_role_arn', 'fill in the role to assume, or remove the key to use '
+                                         'these credentials directly'),
+                     ('serial_number', "fill in the MFA device's ARN, or remove serial_number and "
+                                       'token_code to sign in without MFA'),
+                     ('token_code', 'fill in the 6-digit code the MFA device shows now, or remove '
+                                    'serial_number and token_code to sign in without MFA'),
+                     ('member_role_name', "name the role to assume in every member account (e.g. "
+                                          "'OrganizationReadOnly'), or remove the key to collect "
+                                          'only this account')):
+        if key in raw and key not in acc:
+            raise AccountConfigError(f'{where}[{key!r}] is empty: {fix}')
+    secret = acc.get('ak_secret', '')
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in secret):
+        # Never shown: which kind of character is enough to find it.
+        kind = ('a line break' if any(c in '\r\n' for c in secret) else 'a space' if ' ' in secret
+                else 'a character outside ASCII' if not secret.isascii() else 'a control character')
         raise AccountConfigError(
-            f"{where}['member_role_name'] is empty: name the role to assume in every member "
-            "account (e.g. 'OrganizationReadOnly'), or remove the key to collect only this account")
+            f"{where}['ak_secret'] has {kind} inside it ({len(secret)} characters): copy the "
+            'secret access key again (40 characters of letters, digits, + and /)')
     if 'ak_id' in acc and 'ak_secret' not in acc:
         missing('ak_id', 'ak_secret', 'add the secret access key that belongs to this key id')
     if 'ak_secret' in acc and 'ak_id' not in acc:
@@ -492,7 +509,9 @@ FORMATS = (
     ('ak_id', ACCESS_KEY_ID_RE, lambda v: 'is not an access key id (16-128 capital letters and '
                                            'digits, e.g. AKIA...): copy it from the IAM console'),
     ('assume_role_arn', ROLE_ARN_RE, lambda v: f'is not a role ARN (got {v!r}): expected '
-                                               'arn:<partition>:iam::<12-digit account id>:role/<name>'),
+                                               'arn:<partition>:iam::<12-digit account id>:role/<name>, '
+                                               'the name 1-64 characters of ASCII letters, digits and '
+                                               "+=,.@_-, after an optional path such as 'team/'"),
     ('role_session_name', SESSION_NAME_RE, lambda v: (
         f'must be 2-64 characters of ASCII letters, digits and +=,.@_- (got {v!r}); '
         f'the default is {DEFAULT_ROLE_SESSION_NAME!r}')),
@@ -563,6 +582,15 @@ def _check_extra_tags(tags, where):
             raise AccountConfigError(
                 f"{where}['extra_tags'] must not contain 'cloud_provider': every point already "
                 "carries cloud_provider=AWS; remove it or use another key")
+        if key != key.strip() or key.endswith('\\'):
+            raise AccountConfigError(
+                f"{where}['extra_tags'] has the key {key!r}: a tag key cannot "
+                + ('end with a backslash' if key.strip() == key else 'start or end with a space')
+                + ' in line protocol; rename it')
+        if key == 'time':
+            raise AccountConfigError(
+                f"{where}['extra_tags'] has the key 'time', which line protocol reserves for "
+                "the timestamp (InfluxDB refuses such points): rename it, e.g. 'time_zone'")
     return dict(tags)
 
 
@@ -1175,6 +1203,13 @@ def check_role_partition(account, partition, where='account'):
             f"{where}['assume_role_arn'] is in partition '{role_partition}' but the regions "
             f"are in '{partition}': roles of one partition cannot be used in another; use a "
             "role of the regions' partition, or regions of the role's")
+    serial = account.get('serial_number', '')
+    device_partition = serial.split(':')[1] if serial.startswith('arn:') and serial.count(':') >= 5 else partition
+    if device_partition != partition:
+        raise AccountConfigError(
+            f"{where}['serial_number'] is an MFA device of partition '{device_partition}' but the "
+            f"regions are in '{partition}': use the device of the regions' partition, or regions "
+            "of the device's")
 
 
 def _role_region(account):
@@ -2116,7 +2151,7 @@ class AwsCollector:
         self.regions = self.configs['regions']
         self.extra_tags = self.account.get('extra_tags', {})
         for key in self.extra_tags:
-            if key in self.built_in_tags + (self.account_tags if self.aws.organization else ()):
+            if key in self.own_tags():
                 raise AccountConfigError(
                     f"account['extra_tags'][{key!r}] would overwrite the tag the {self.title} "
                     'collector sets itself: rename the key')
@@ -2130,6 +2165,11 @@ class AwsCollector:
 
     def __repr__(self):
         return f'<DataCollector {self.name} method={auth_method(self.account)} regions={self.regions}>'
+
+    def own_tags(self):
+        """The tags the collector sets itself, which extra_tags may not name
+        (they would be lost, or overwrite the collector's)."""
+        return self.built_in_tags + (self.account_tags if self.aws.organization else ())
 
     @property
     def state_key(self):
