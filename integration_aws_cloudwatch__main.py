@@ -140,6 +140,12 @@ class DataCollector(auth.AwsCollector):
     def validate_configs(configs):
         return validate_configs(configs)
 
+    def own_tags(self):
+        # A series' dimensions are its tags (the targets' own, or a
+        # namespace's default ones: a target of any dimensions adds none here).
+        dimensions = {name for target in self.configs['targets'] for name in target['dimensions'] or ()}
+        return super().own_tags() + tuple(sorted(dimensions))
+
     # -- what the Runner calls -------------------------------------------------
 
     def link_objects(self, objects):
@@ -562,7 +568,7 @@ def validate_configs(configs):
     out = dict(DEFAULTS)
     out.update(configs)
     out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")
-    if out['period'] not in PERIODS or isinstance(out['period'], bool):
+    if type(out['period']) is not int or out['period'] not in PERIODS:
         raise core.ConfigError(f"{where}['period'] must be 60 or 300 seconds (got {out['period']!r})")
     out['statistics'] = _check_statistics(out['statistics'], f"{where}['statistics']")
     if out.get('delay') is None:
@@ -604,9 +610,14 @@ def _check_targets(targets, where):
                                    f'not {type(target).__name__}')
         core.check_keys(target, TARGET_KEYS, here)
         namespace = target.get('namespace')
-        if not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace) or namespace != namespace.strip():
+        if (not isinstance(namespace, str) or not NAMESPACE_RE.match(namespace)
+                or namespace != namespace.strip() or not namespace.isascii()):
             raise core.ConfigError(f"{here}['namespace'] must be a CloudWatch namespace such as "
                                    f"'AWS/EC2' (got {namespace!r})")
+        if namespace[:4].upper() == 'AWS/' and namespace[:4] != 'AWS/':
+            # Namespaces are case-sensitive: this one would match no metric.
+            raise core.ConfigError(f"{here}['namespace'] {namespace!r}: AWS's namespaces begin with "
+                                   f"'AWS/' in capitals, e.g. {'AWS/' + namespace[4:].upper()!r}")
         if 'metrics' in target:
             include, exclude = _check_metrics(target['metrics'], f"{here}['metrics']")
         elif namespace == 'AWS/EC2':
@@ -638,6 +649,7 @@ def _check_metrics(metrics, where):
         if not isinstance(name, str) or not name.strip() or name == 'NOT':
             raise core.ConfigError(f'{where}[{index}] must be a metric name or a pattern with * '
                                    f'(got {name!r})')
+        _check_name(name, index, where, 'metric', 'NOT' if index == 0 else None)
         patterns.append(re.compile('.*'.join(re.escape(part) for part in name.split('*')) + r'\Z'))
     return patterns, exclude
 
@@ -651,9 +663,25 @@ def _check_dimensions(dimensions, where):
     for index, name in enumerate(dimensions):
         if not isinstance(name, str) or not name.strip():
             raise core.ConfigError(f'{where}[{index}] must be a dimension name (got {name!r})')
+        _check_name(name, index, where, 'dimension')
     if len(set(dimensions)) != len(dimensions):
         raise core.ConfigError(f'{where} names a dimension twice')
     return tuple(dimensions)
+
+
+def _check_name(name, index, where, kind, keyword=None):
+    """A metric's or dimension's name as CloudWatch matches it: exactly, so a
+    space at either end, or 'ALL' written inside the list, would match
+    nothing and the run would quietly collect nothing."""
+    if name != name.strip():
+        raise core.ConfigError(f'{where}[{index}] {name!r} has a space at its start or end: '
+                               f'CloudWatch {kind} names match exactly; remove it')
+    if name.upper() == 'ALL':
+        raise core.ConfigError(f"{where}[{index}] {name!r} names no {kind}: for every {kind} write "
+                               f"'ALL' (not in a list) or ['*']")
+    if keyword and name.upper() == keyword:
+        raise core.ConfigError(f"{where}[{index}] {name!r}: write {keyword!r} in capitals to "
+                               f'exclude the {kind}s after it')
 
 
 # --------------------------------------------------------------------------

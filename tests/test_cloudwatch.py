@@ -64,6 +64,22 @@ BAD = [
     ({'regions': ['us-east-1'], 'periods': 60}, "collector_configs['periods'] is not a known key; did you mean 'period'?"),
     ({'regions': ['us-east-2x']}, "collector_configs['regions'][0] 'us-east-2x' is not an AWS region"),
     ({}, "collector_configs['regions'] is missing"),
+    # Values that would pass and then collect nothing, or fail in a region.
+    ({'regions': ['us-east-1'], 'period': 300.0}, "collector_configs['period'] must be 60 or 300 seconds (got 300.0)"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metrics': [' CPUUtilization']}]},
+     "collector_configs['targets'][0]['metrics'][0] ' CPUUtilization' has a space at its start or end"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metrics': ['ALL']}]},
+     "collector_configs['targets'][0]['metrics'][0] 'ALL' names no metric: for every metric write 'ALL' (not in a list)"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metrics': ['not', 'CPU*']}]},
+     "collector_configs['targets'][0]['metrics'][0] 'not': write 'NOT' in capitals"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'dimensions': ['all']}]},
+     "collector_configs['targets'][0]['dimensions'][0] 'all' names no dimension"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'dimensions': ['InstanceId', 'InstanceId ']}]},
+     "collector_configs['targets'][0]['dimensions'][1] 'InstanceId ' has a space at its start or end"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'aws/ec2'}]},
+     "collector_configs['targets'][0]['namespace'] 'aws/ec2': AWS's namespaces begin with 'AWS/' in capitals, e.g. 'AWS/EC2'"),
+    ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS\uff0fEC2'}]},
+     "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace"),
 ]
 
 
@@ -72,6 +88,20 @@ def test_a_bad_option_is_one_clear_line(configs, expected):
     with pytest.raises(core.ConfigError) as info:
         cw.DataCollector({'ak_id': 'AKIAEXAMPLEEXAMPLE01', 'ak_secret': 'x' * 40}, configs)
     assert expected in str(info.value) and '\n' not in str(info.value)
+
+
+def test_extra_tags_may_not_name_a_dimension_the_collector_writes():
+    """A series' dimensions are its tags: extra_tags['InstanceId'] would be
+    lost on every point. A target of any dimensions (AWS/S3) names none."""
+    account = {'ak_id': 'AKIAEXAMPLEEXAMPLE01', 'ak_secret': 'x' * 40, 'extra_tags': {'InstanceId': 'mine'}}
+    with pytest.raises(core.ConfigError) as info:
+        cw.DataCollector(account, {'regions': ['us-east-1']})
+    assert str(info.value) == ("account['extra_tags']['InstanceId'] would overwrite the tag the "
+                               'AWS CloudWatch collector sets itself: rename the key')
+    with pytest.raises(core.ConfigError, match='DBInstanceIdentifier'):
+        cw.DataCollector(dict(account, extra_tags={'DBInstanceIdentifier': 'x'}),
+                         {'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/RDS'}]})
+    assert cw.DataCollector(account, {'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/S3'}]})
 
 
 def test_metric_patterns_not_and_narrowing_targets():
