@@ -116,8 +116,14 @@ def load_script(path, dff):
     _SiblingFinder), as Func looks up only script ids."""
     if not os.path.isfile(path):
         raise ConfigError(f'{path}: no such startup script')
-    with open(path, encoding='utf-8') as f:
-        source = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'{path}: not UTF-8 text (byte {e.start}): save the startup script '
+                          'as UTF-8, as Func keeps it') from None
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read the startup script: {e.strerror}') from None
     folder = os.path.dirname(os.path.abspath(path))
     _warn_if_shadowing(path)
     _SiblingFinder.install([folder, os.path.dirname(os.path.abspath(core.__file__))])
@@ -189,8 +195,11 @@ def _script_line(error, path):
 
 
 def _select(apis, name, path):
-    if not name:
+    if name is None:
         return apis
+    if not name.strip():
+        raise ConfigError(f'--func is empty: name one of the @DFF.API functions of {path} ('
+                          + ', '.join(a['name'] for a in apis) + '), or leave --func out to run every one')
     chosen = [a for a in apis if a['name'] == name]
     if not chosen:
         raise ConfigError(f'{path}: no @DFF.API function named {name!r}; it has: '
@@ -201,14 +210,24 @@ def _select(apis, name, path):
 def _local_dff(args):
     url = getattr(args, 'datakit', None)
     if url is not None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ('http', 'https') or not parts.netloc:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port      # a port that is not a number raises here
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ('http', 'https') or not parts.netloc:
             raise ConfigError(f'--datakit {url!r} is not a URL: give DataKit\'s address, '
                               f'e.g. {DEFAULT_DATAKIT_URL}')
     output = None
     if getattr(args, 'output', None):
-        output = (LineProtocolWriter(sys.stdout, 'stdout') if args.output == '-'
-                  else LineProtocolWriter(open(args.output, 'a', encoding='utf-8'), args.output))
+        if args.output == '-':
+            output = LineProtocolWriter(sys.stdout, 'stdout')
+        else:
+            try:
+                output = LineProtocolWriter(open(args.output, 'a', encoding='utf-8'), args.output)
+            except OSError as e:
+                raise ConfigError(f'--output {args.output}: cannot write there ({e.strerror}): give '
+                                  "a file in a folder that exists, or - for the screen") from None
     return LocalDFF(datakit_url=getattr(args, 'datakit', None), output=output)
 
 

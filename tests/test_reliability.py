@@ -332,3 +332,13 @@ def test_no_secret_anywhere_at_the_most_verbose_level(seed_estate, write_script,
         assert secret not in names
         for path in files:
             assert secret not in path.read_text(errors='replace'), path
+
+
+def test_a_startup_script_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    """Func keeps scripts as UTF-8 text; a Latin-1 file saved by an editor
+    must be one line saying so, not a UnicodeDecodeError."""
+    script = tmp_path / 'latin.py'
+    script.write_bytes(b"# caf\xe9\n@DFF.API('t', fixed_crontab='*/15 * * * *')\ndef run():\n    pass\n")
+    status, out, err = run_main(['run', str(script), '--output', '-'], capsys)
+    assert status == 2 and 'Traceback' not in out + err
+    assert err.strip() == f'error: {script}: not UTF-8 text (byte 5): save the startup script as UTF-8, as Func keeps it'
