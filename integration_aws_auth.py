@@ -2241,8 +2241,9 @@ def check_accounts(aws, config, service, probe, explain):
     for member in members:
         prefix = f'{member.account_id} ' if aws.organization else ''
         if member.error or member.skipped:
+            name = f'({member.account_name}) ' if member.account_name else ''
             rows.append({'region': member.account_id, 'ok': not member.error,
-                         'reason': member.error or f'skipped: {member.skipped}'})
+                         'reason': name + (member.error or f'skipped: {member.skipped}')})
             continue
         for region in regions:
             client = member.session.client(service, region_name=region, config=config)
