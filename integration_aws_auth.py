@@ -582,11 +582,14 @@ def _check_extra_tags(tags, where):
             raise AccountConfigError(
                 f"{where}['extra_tags'] must not contain 'cloud_provider': every point already "
                 "carries cloud_provider=AWS; remove it or use another key")
-        if key != key.strip() or key.endswith('\\'):
+        if key != key.strip():
             raise AccountConfigError(
-                f"{where}['extra_tags'] has the key {key!r}: a tag key cannot "
-                + ('end with a backslash' if key.strip() == key else 'start or end with a space')
-                + ' in line protocol; rename it')
+                f"{where}['extra_tags'] has the key {key!r}, with a space at its start or end: "
+                f"remove the space (it would be a tag apart from {key.strip()!r})")
+        if key.endswith('\\'):
+            raise AccountConfigError(
+                f"{where}['extra_tags'] has the key {key!r}: line protocol cannot carry a tag key "
+                'that ends with a backslash; rename it')
         if key == 'time':
             raise AccountConfigError(
                 f"{where}['extra_tags'] has the key 'time', which line protocol reserves for "
@@ -1203,13 +1206,21 @@ def check_role_partition(account, partition, where='account'):
             f"{where}['assume_role_arn'] is in partition '{role_partition}' but the regions "
             f"are in '{partition}': roles of one partition cannot be used in another; use a "
             "role of the regions' partition, or regions of the role's")
-    serial = account.get('serial_number', '')
-    device_partition = serial.split(':')[1] if serial.startswith('arn:') and serial.count(':') >= 5 else partition
+    device_partition = _device_partition(account) or partition
     if device_partition != partition:
         raise AccountConfigError(
             f"{where}['serial_number'] is an MFA device of partition '{device_partition}' but the "
             f"regions are in '{partition}': use the device of the regions' partition, or regions "
             "of the device's")
+
+
+def _device_partition(account):
+    """The partition of account['serial_number'] when it is a device ARN of a
+    known partition (a hardware serial tells none)."""
+    parts = account.get('serial_number', '').split(':')
+    if len(parts) >= 6 and parts[0] == 'arn' and parts[1] in PARTITION_STS_REGION:
+        return parts[1]
+    return None
 
 
 def _role_region(account):
@@ -2022,6 +2033,8 @@ class CollectorAccount:
         for member, opened in opening:
             outcome = opened.exception()
             if outcome is None:
+                if recheck and member.account_id == management['account_id'] and not listed:
+                    self._forget_refusal()      # check found the role there: runs ask again now
                 continue
             line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
             if member.account_id == management['account_id'] and not listed:
@@ -2107,11 +2120,13 @@ class CollectorAccount:
             raise AuthError(f'organizations:ListAccounts failed: {core.first_line(e)}') from None
 
     def _discover_partition(self):
-        """['*'] names no region: the role's ARN tells the partition, or else
-        the keys do (they work in their own partition only)."""
+        """['*'] names no region: the role's or MFA device's ARN tells the
+        partition, or else the keys do (they work in their own partition only)."""
         arn = self.account.get('assume_role_arn')
         if arn:
             return ROLE_ARN_RE.match(arn).group(1)
+        if _device_partition(self.account):
+            return _device_partition(self.account)      # an MFA device works in its own
         errors = []
         for partition, region in PARTITION_STS_REGION.items():
             try:

@@ -614,10 +614,11 @@ def _check_targets(targets, where):
                 or namespace != namespace.strip() or not namespace.isascii()):
             raise core.ConfigError(f"{here}['namespace'] must be a CloudWatch namespace such as "
                                    f"'AWS/EC2' (got {namespace!r})")
-        if namespace[:4].upper() == 'AWS/' and namespace[:4] != 'AWS/':
+        known = {name.upper(): name for name in DEFAULT_DIMENSIONS}.get(namespace.upper())
+        if known and known != namespace:
             # Namespaces are case-sensitive: this one would match no metric.
-            raise core.ConfigError(f"{here}['namespace'] {namespace!r}: AWS's namespaces begin with "
-                                   f"'AWS/' in capitals, e.g. {'AWS/' + namespace[4:].upper()!r}")
+            raise core.ConfigError(f"{here}['namespace'] {namespace!r} matches no metric: "
+                                   f"CloudWatch namespaces are case-sensitive; did you mean {known!r}?")
         if 'metrics' in target:
             include, exclude = _check_metrics(target['metrics'], f"{here}['metrics']")
         elif namespace == 'AWS/EC2':

@@ -219,6 +219,8 @@ def _local_dff(args):
             raise ConfigError(f'--datakit {url!r} is not a URL: give DataKit\'s address, '
                               f'e.g. {DEFAULT_DATAKIT_URL}')
     output = None
+    if getattr(args, 'output', None) is not None and not args.output.strip():
+        raise ConfigError("--output is empty: give a file to write line protocol to, or - for the screen")
     if getattr(args, 'output', None):
         if args.output == '-':
             output = LineProtocolWriter(sys.stdout, 'stdout')

@@ -77,7 +77,7 @@ BAD = [
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'dimensions': ['InstanceId', 'InstanceId ']}]},
      "collector_configs['targets'][0]['dimensions'][1] 'InstanceId ' has a space at its start or end"),
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'aws/ec2'}]},
-     "collector_configs['targets'][0]['namespace'] 'aws/ec2': AWS's namespaces begin with 'AWS/' in capitals, e.g. 'AWS/EC2'"),
+     "collector_configs['targets'][0]['namespace'] 'aws/ec2' matches no metric: CloudWatch namespaces are case-sensitive; did you mean 'AWS/EC2'?"),
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS\uff0fEC2'}]},
      "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace"),
 ]

@@ -305,6 +305,15 @@ def test_the_management_account_without_the_role_costs_no_sts_call_between_hourl
     assert 'skipped: the management account' in [r for r in rows if r['region'] == '123456789012'][0]['reason']
     assert management_role in [dict(urllib.parse.parse_qsl(r['body'].decode()))['RoleArn']
                                for r in org['proxy'].seen if r['action'] == 'AssumeRole']
+    # The role made there, check says so: the runs after it collect the
+    # management account at once, not after the hour.
+    org['proxy'].rule = cross_account
+    rows = ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0]).check()
+    assert all(r['ok'] for r in rows if r['region'] in ('123456789012 ' + region for region in REGIONS))
+    calls, skipped, assumed = run()     # with the session check opened (kept: no AssumeRole)
+    assert skipped == []
+    assert any('account 123456789012' in r.getMessage() and
+               f'as arn:aws:sts::123456789012:assumed-role/{ROLE}/' in r.getMessage() for r in caplog.records)
 
 
 def failure_lines(caplog):
