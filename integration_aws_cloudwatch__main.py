@@ -140,6 +140,17 @@ class DataCollector(auth.AwsCollector):
     def validate_configs(configs):
         return validate_configs(configs)
 
+    @property
+    def record_scope(self):
+        """What decides a region's series and the points they write, for the
+        keys of its discovery and written-bucket records: not the tuning
+        options (concurrency, retries, delay, backfill, discovery_interval)
+        nor the other regions, whose change must not write buckets again."""
+        who = {k: v for k, v in self.account.items() if k not in auth.SECRET_KEYS}
+        decisive = {'period': self.configs['period'], 'statistics': self.configs['statistics'],
+                    'targets': [target['given'] for target in self.configs['targets']]}
+        return f'{self.name}:' + core.fingerprint(who, decisive, self.filters, self.after_collect)
+
     def own_tags(self):
         # A series' dimensions are its tags (the targets' own, or a
         # namespace's default ones: a target of any dimensions adds none here).
@@ -258,7 +269,7 @@ class _Region:
         self.calls_left = 0
         self.series = []
         self.window = None
-        self.state = None           # the record loaded: {'period', 'end', 'written'}
+        self.state = None           # the record loaded: {'period', 'end', 'written'[, 'since']}
         self.masks = {}             # this run's masks, re-based to the window's end
         self.started = time.monotonic()
 
@@ -275,8 +286,8 @@ class _Region:
                 self.result['note'] = 'no new bucket has closed since the last run'
             chunks = self._chunks() if self.window and self.series else []
             self.calls_left = len(chunks)
-            for chunk in chunks:
-                self.run['pool'].submit(self._read, chunk)
+            for chunk, window in chunks:
+                self.run['pool'].submit(self._read, chunk, window)
         except Exception as e:
             self.result['error'] = self._explain(e, 'cloudwatch:ListMetrics')
             chunks = []
@@ -336,25 +347,47 @@ class _Region:
         period = configs['period']
         end = int(self.collector.now() - configs['delay']) // period * period
         last_end = self.state['end'] if self.state else None
+        # Where a series may still miss buckets: the last run's end, or
+        # earlier when a call of a run before failed (see save_state).
+        since = _since(self.state)
         if last_end is not None and end <= last_end:
-            return None
-        since = last_end if last_end is not None else end - period
+            if since >= last_end:
+                return None
+            end = last_end          # no new bucket: only the ones a failure left
+        if since is None:
+            since = end - period
         start = max(since - REREAD_BUCKETS * period, end - configs['backfill'])
         return start, end
 
     def _chunks(self):
-        """All statistics of a series in the same call, at most 500 queries a call."""
-        per_call = max(1, MAX_QUERIES // len(self.collector.configs['statistics']))
-        return [self.series[i:i + per_call] for i in range(0, len(self.series), per_call)]
+        """(series, window) of each call: all statistics of a series in the
+        same call, at most 500 queries a call. A series the record has not seen
+        (found by a later ListMetrics: a new instance) is read back over its
+        own, wider window, `backfill` (within the record's reach), so that
+        its buckets from before it was found are written too."""
+        configs = self.collector.configs
+        per_call = max(1, MAX_QUERIES // len(configs['statistics']))
+        start, end = self.window
+        seen = self.state.get('seen') if self.state else None
+        known, new = self.series, []
+        if isinstance(seen, list):
+            seen = set(seen)
+            known = [series for series in self.series if series.sid in seen]
+            new = [series for series in self.series if series.sid not in seen]
+        reach = max(end - configs['backfill'], end - (MASK_BUCKETS - 1) * configs['period'])
+        out = []
+        for group, window in ((known, self.window), (new, (min(start, reach), end))):
+            out.extend((group[i:i + per_call], window) for i in range(0, len(group), per_call))
+        return out
 
     # -- GetMetricData ------------------------------------------------------
 
-    def _read(self, chunk):
+    def _read(self, chunk, window):
         """Worker: one GetMetricData call (every NextToken page) for a chunk
-        of series; its points onto the output queue."""
+        of series over `window`; its points onto the output queue."""
         configs = self.collector.configs
         statistics = configs['statistics']
-        start, end = self.window
+        start, end = window
         queries = []
         for index, series in enumerate(chunk):
             metric = {'Namespace': series.namespace, 'MetricName': series.metric,
@@ -380,7 +413,7 @@ class _Region:
                     break
             with self.lock:
                 self.result['queries'] += len(queries)
-            points = self._points(chunk, values)
+            points = self._points(chunk, values, window)
             self.run['out'].put(('points', self.region, points))
         except Exception as e:
             with self.lock:
@@ -393,11 +426,11 @@ class _Region:
             if last:
                 self._done()
 
-    def _points(self, chunk, values):
+    def _points(self, chunk, values, window):
         collector = self.collector
         statistics = collector.configs['statistics']
         period = collector.configs['period']
-        start, end = self.window
+        start, end = window
         written = self.state['written'] if self.state else {}
         last_end = self.state['end'] if self.state else None
         masks = {}
@@ -433,9 +466,12 @@ class _Region:
 
     def save_state(self):
         """The record of written buckets, re-based to this window's end. A
-        series this run did not answer for (a failed call) keeps its old bits."""
+        series this run did not answer for (a failed call) keeps its old bits,
+        and the record keeps where its missing buckets begin (`since`): the
+        next run reads back to there, so a failed call leaves no gap (up to
+        `backfill`, and MASK_BUCKETS buckets)."""
         configs = self.collector.configs
-        period, end = configs['period'], self.window[1]
+        period, (start, end) = configs['period'], self.window
         masks = {}
         if self.state:
             for sid, mask in self.state['written'].items():
@@ -444,6 +480,14 @@ class _Region:
         masks.update(self.masks)
         record = {'period': period, 'end': end,
                   'written': {sid: mask for sid, mask in masks.items() if mask}}
+        if any(series.sid not in self.masks for series in self.series):
+            earlier = _since(self.state)
+            since = earlier if earlier is not None else start
+            record['since'] = max(since, end - configs['backfill'])
+        # The series read so far (a series not yet answered stays new).
+        current = {series.sid for series in self.series}
+        seen = set(self.state.get('seen') or ()) if self.state else set()
+        record['seen'] = sorted(current & (seen | set(self.masks)))
         try:
             self._cache().set(self._key('written'), core.pack_json(record),
                               expires=configs['backfill'] + 3600)
@@ -460,7 +504,12 @@ class _Region:
             tags.update(collector.objects.get(name) or {})
         tags.update(collector.extra_tags)
         tags.update(self.member.tags)
-        tags.update(series.dims)
+        own = ('RegionId', 'cloud_provider') + collector.account_tags
+        for name, value in series.dims:
+            # A dimension named like a tag we write (a custom namespace's
+            # RegionId) keeps its value under <name>_dimension: overwritten,
+            # two series would be one.
+            tags[f'{name}_dimension' if name in own else name] = value
         tags['RegionId'] = self.region
         tags['cloud_provider'] = 'AWS'
         return core.clean_tags(tags)
@@ -500,7 +549,7 @@ class _Region:
         # By the account that answered, not only the keys that asked: two
         # machines' instance roles share a Func's Redis.
         account_id = self.member.account_id or self.collector.identity().get('account_id')
-        return f'integration_aws_cloudwatch:{what}:{self.collector.state_key}:{account_id}:{self.region}'
+        return f'integration_aws_cloudwatch:{what}:{self.collector.record_scope}:{account_id}:{self.region}'
 
 
 class _Series:
@@ -545,11 +594,22 @@ def _shift(mask, last_end, end, period):
     return (mask << steps) & ((1 << MASK_BUCKETS) - 1) if steps < MASK_BUCKETS else 0
 
 
+def _since(state):
+    """The first bucket some series may still miss: the last run's end, or
+    the `since` a failed call left; None without a record."""
+    if not state:
+        return None
+    since = state.get('since')
+    return min(since, state['end']) if isinstance(since, int) else state['end']
+
+
 def _load_state(cache, key, period):
     state = core.unpack_json(core.cache_get(cache, key))
     valid = (isinstance(state, dict) and state.get('period') == period
              and isinstance(state.get('end'), int) and isinstance(state.get('written'), dict)
-             and all(isinstance(m, int) for m in state['written'].values()))
+             and all(isinstance(m, int) for m in state['written'].values())
+             and isinstance(state.get('since', 0), int)
+             and isinstance(state.get('seen', []), list) and all(isinstance(x, str) for x in state.get('seen', [])))
     if state is not None and not valid:
         LOG.warning('[AWS CloudWatch] ignoring an unreadable record of written buckets')
     return state if valid else None
@@ -713,9 +773,17 @@ def _fixed_dimensions(targets):
 
 
 def _link_dimension(targets, namespace):
+    """The dimension naming the object a series is about: the target's one
+    dimension, or for a target of any dimensions the namespace's own (AWS/EC2:
+    InstanceId), when a series has it."""
+    default = DEFAULT_DIMENSIONS.get(namespace)
     for target in targets:
-        if target['namespace'] == namespace and target['link']:
+        if target['namespace'] != namespace:
+            continue
+        if target['link']:
             return target['link']
+        if target['dimensions'] is None and default and len(default) == 1:
+            return default[0]
     return None
 
 

@@ -14,7 +14,7 @@ import integration_core__runner as core
 from conftest import ROOT, account_of, unique
 from integration_local.emulator import ImdsServer
 from fake_cloudwatch import FakeCloudWatch, ec2_estate, expected_value
-from servers import DataKitReceiver
+from servers import DataKitReceiver, FaultProxy
 
 PERIOD = 300
 NOW = 1_800_000_000 // PERIOD * PERIOD + 17          # "now", a little past a bucket boundary
@@ -242,6 +242,102 @@ def test_a_bucket_is_not_written_again_when_the_record_is_lost_only_within_the_r
     run_at(account, NOW)
     count = len(sink.metrics())
     assert count and run_at(account, NOW)['points'] == 0
+
+
+def cpu_buckets(sink, instance_id):
+    return [p['timestamp'] // 10**9 for p in sink.metrics()
+            if p['tags'].get('InstanceId') == instance_id and 'CPUUtilization_Sum' in p['fields']]
+
+
+def test_failed_getmetricdata_runs_leave_no_gap(aws, user, sink, monkeypatch):
+    """Three runs whose GetMetricData fails must lose nothing, as three
+    missed runs lose nothing: the record keeps where the missing buckets begin."""
+    (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('gap'))
+    for k in range(-4, 6):
+        put(aws, 'us-east-1', instance_id, 'CPUUtilization', END + k * PERIOD + 5, 1.0 + k)
+    account = account_of(user)
+    run_at(account, NOW, {'max_attempts': 1})
+    down = {'on': True}
+    proxy = FaultProxy(aws.url, lambda r: ('status', 503, 'unavailable')
+                       if down['on'] and b'MetricDataQueries' in r['body'] else None)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    try:
+        for k in (1, 2, 3):
+            with pytest.raises(core.RunFailed):
+                run_at(account, NOW + k * PERIOD, {'max_attempts': 1})
+        down['on'] = False
+        # No new bucket since the last (failed) run: the failed ones are read all the same.
+        run_at(account, NOW + 3 * PERIOD + 60, {'max_attempts': 1})
+        run_at(account, NOW + 4 * PERIOD, {'max_attempts': 1})
+    finally:
+        proxy.stop()
+    got = cpu_buckets(sink, instance_id)
+    assert sorted(got) == [END + k * PERIOD for k in range(-3, 4)] and len(got) == len(set(got))
+
+
+def test_changing_a_tuning_option_or_adding_a_region_writes_no_bucket_twice(aws, user, sink):
+    (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('dup'))
+    for k in range(-4, 2):
+        put(aws, 'us-east-1', instance_id, 'CPUUtilization', END + k * PERIOD + 5, 1.0)
+    account = account_of(user)
+    run_at(account, NOW, {'concurrency': 4})
+    run_at(account, NOW + PERIOD, {'concurrency': 8, 'max_attempts': 5, 'delay': 600, 'backfill': 7200,
+                                   'regions': ['us-east-1', 'us-west-2']})
+    got = cpu_buckets(sink, instance_id)
+    assert sorted(got) == [END + k * PERIOD for k in range(-3, 1)] and len(got) == len(set(got))
+
+
+def test_a_series_found_by_a_later_listmetrics_gets_its_earlier_buckets(aws, user, sink):
+    """A new instance is found when the ListMetrics answer is asked again (up
+    to discovery_interval later): its buckets from before are written too."""
+    (old,) = aws.run_instances('us-east-1', 1, name=unique('old'))
+    put(aws, 'us-east-1', old, 'CPUUtilization', END - PERIOD + 5, 1.0)
+    account = account_of(user)
+    run_at(account, NOW)                                    # finds only the old one
+    (new,) = aws.run_instances('us-east-1', 1, name=unique('new'))
+    for k in range(11):
+        put(aws, 'us-east-1', new, 'CPUUtilization', END + k * PERIOD + 5, 1.0)
+        put(aws, 'us-east-1', old, 'CPUUtilization', END + k * PERIOD + 5, 2.0)
+    for k in range(1, 10):                                  # the ListMetrics answer still kept
+        assert run_at(account, NOW + k * PERIOD)['calls'] == {'GetMetricData': 1}
+    assert cpu_buckets(sink, new) == []
+    collector = cw.DataCollector(account, {'regions': ['us-east-1']}, now=lambda: NOW + 11 * PERIOD)
+    collector.cache_store().delete(f"integration_aws_cloudwatch:series:{collector.record_scope}:"
+                                   f"{collector.identity()['account_id']}:us-east-1")
+    region = core.Runner(collector, force=True).run()['collectors'][0]['regions'][0]
+    assert region['calls'] == {'ListMetrics': 1, 'GetMetricData': 2}     # the new one on its own
+    assert sorted(cpu_buckets(sink, new)) == [END + k * PERIOD for k in range(11)]
+    got = cpu_buckets(sink, old)
+    assert sorted(got) == [END + k * PERIOD for k in range(-1, 11)] and len(got) == len(set(got))
+
+
+def test_a_target_of_any_dimensions_still_links_its_instances(aws, user, sink):
+    (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('link'))
+    put(aws, 'us-east-1', instance_id, 'CPUUtilization', END - PERIOD + 5, 1.0)
+    account = account_of(user)
+    core.Runner([ec2.DataCollector(account, {'regions': ['us-east-1']}),
+                 cw.DataCollector(account, {'regions': ['us-east-1'], 'targets': [
+                     {'namespace': 'AWS/EC2', 'metrics': ['CPUUtilization'], 'dimensions': 'ALL'}]},
+                     now=lambda: NOW)], force=True).run()
+    mine = [p for p in sink.metrics() if p['tags'].get('InstanceId') == instance_id]
+    assert mine and all(p['tags'].get('InstanceName', '').startswith('link-') for p in mine)
+
+
+def test_a_dimension_named_like_a_tag_we_write_keeps_its_series_apart(aws, user, sink, influx):
+    namespace = unique('App')
+    for zone, value in (('eu-zone-a', 10.0), ('eu-zone-b', 20.0)):
+        aws.client('cloudwatch', 'us-east-1').put_metric_data(Namespace=namespace, MetricData=[{
+            'MetricName': 'Lat', 'Dimensions': [{'Name': 'RegionId', 'Value': zone}],
+            'Timestamp': datetime.datetime.fromtimestamp(END - PERIOD + 5, datetime.timezone.utc),
+            'Value': value}])
+    run_at(account_of(user), NOW, {'targets': [{'namespace': namespace, 'metrics': 'ALL'}],
+                                   'statistics': ['Sum']})
+    points = [p for p in sink.metrics() if p['measurement'] == 'aws_' + namespace]
+    assert sorted((p['tags']['RegionId_dimension'], p['tags']['RegionId']) for p in points) == [
+        ('eu-zone-a', 'us-east-1'), ('eu-zone-b', 'us-east-1')]
+    status, error = influx.write('\n'.join(core.to_line_protocol(p) for p in points))
+    assert status == 204, error
+    assert sorted(r['Lat_Sum'] for r in influx.rows('aws_' + namespace)) == [10.0, 20.0]
 
 
 # -- limits, pages and throttling on the fake CloudWatch ---------------------------
