@@ -146,9 +146,17 @@ class DataCollector(auth.AwsCollector):
         keys of its discovery and written-bucket records: not the tuning
         options (concurrency, retries, delay, backfill, discovery_interval)
         nor the other regions, whose change must not write buckets again."""
-        who = {k: v for k, v in self.account.items() if k not in auth.SECRET_KEYS}
-        decisive = {'period': self.configs['period'], 'statistics': self.configs['statistics'],
-                    'targets': [target['given'] for target in self.configs['targets']]}
+        # Not the accounts an Organization lists: the key names the account.
+        who = {k: v for k, v in self.account.items()
+               if k not in auth.SECRET_KEYS + auth.ACCOUNT_LIST_KEYS}
+        # The targets and statistics as they select, whatever their spelling
+        # or order ('ALL' or ['*'], a default written out).
+        targets = sorted(
+            [t['namespace'], None if t['include'] is None else sorted(p.pattern for p in t['include']),
+             t['exclude'], None if t['dimensions'] is None else sorted(t['dimensions'])]
+            for t in self.configs['targets'])
+        decisive = {'period': self.configs['period'], 'statistics': sorted(self.configs['statistics']),
+                    'targets': targets}
         return f'{self.name}:' + core.fingerprint(who, decisive, self.filters, self.after_collect)
 
     def own_tags(self):
@@ -281,6 +289,11 @@ class _Region:
             self.series = self._series()
             self.result['series'] = len(self.series)
             self.state = _load_state(self._cache(), self._key('written'), collector.configs['period'])
+            if self.state is None:
+                # The record as the version before kept it (under state_key):
+                # taken over once, so an upgrade writes no bucket again.
+                self.state = _load_state(self._cache(), self._key('written', collector.state_key),
+                                         collector.configs['period'])
             self.window = self._window()
             if self.window is None:
                 self.result['note'] = 'no new bucket has closed since the last run'
@@ -433,6 +446,10 @@ class _Region:
         start, end = window
         written = self.state['written'] if self.state else {}
         last_end = self.state['end'] if self.state else None
+        # Series a failed call left without their buckets from `since` on:
+        # those are unwritten, however far back the mask reaches.
+        since = _since(self.state)
+        missing = set(self.state.get('missing', ())) if self.state else set()
         masks = {}
         out = []
         for index, series in enumerate(chunk):
@@ -446,7 +463,8 @@ class _Region:
             for second in sorted(by_bucket):
                 if not start <= second < end or second % period:
                     continue
-                if _was_written(old_mask, last_end, second, period):
+                if _was_written(old_mask, last_end, second, period,
+                                pending=series.sid in missing and second >= since):
                     continue
                 if base is None:
                     base = self._tags(series)
@@ -480,12 +498,14 @@ class _Region:
         masks.update(self.masks)
         record = {'period': period, 'end': end,
                   'written': {sid: mask for sid, mask in masks.items() if mask}}
-        if any(series.sid not in self.masks for series in self.series):
+        current = {series.sid for series in self.series}
+        missing = current - set(self.masks)
+        if missing:
             earlier = _since(self.state)
             since = earlier if earlier is not None else start
             record['since'] = max(since, end - configs['backfill'])
+            record['missing'] = sorted(missing)
         # The series read so far (a series not yet answered stays new).
-        current = {series.sid for series in self.series}
         seen = set(self.state.get('seen') or ()) if self.state else set()
         record['seen'] = sorted(current & (seen | set(self.masks)))
         try:
@@ -545,11 +565,12 @@ class _Region:
     def _cache(self):
         return self.collector.cache_store()
 
-    def _key(self, what):
+    def _key(self, what, scope=None):
         # By the account that answered, not only the keys that asked: two
         # machines' instance roles share a Func's Redis.
         account_id = self.member.account_id or self.collector.identity().get('account_id')
-        return f'integration_aws_cloudwatch:{what}:{self.collector.record_scope}:{account_id}:{self.region}'
+        scope = scope or self.collector.record_scope
+        return f'integration_aws_cloudwatch:{what}:{scope}:{account_id}:{self.region}'
 
 
 class _Series:
@@ -578,12 +599,15 @@ def _bit(end, second, period):
     return 1 << offset if 0 <= offset < MASK_BUCKETS else 0
 
 
-def _was_written(mask, last_end, second, period):
+def _was_written(mask, last_end, second, period, pending=False):
     if last_end is None or second >= last_end:
         return False
     offset = (last_end - second) // period - 1
-    # Older than the mask reaches: written, or never to be written again.
-    return offset >= MASK_BUCKETS or bool(mask >> offset & 1)
+    if offset >= MASK_BUCKETS:
+        # Older than the mask reaches: written, or never to be written again;
+        # unless a failed call left it (`pending`).
+        return not pending
+    return bool(mask >> offset & 1)
 
 
 def _shift(mask, last_end, end, period):
@@ -609,6 +633,7 @@ def _load_state(cache, key, period):
              and isinstance(state.get('end'), int) and isinstance(state.get('written'), dict)
              and all(isinstance(m, int) for m in state['written'].values())
              and isinstance(state.get('since', 0), int)
+             and isinstance(state.get('missing', []), list) and all(isinstance(x, str) for x in state.get('missing', []))
              and isinstance(state.get('seen', []), list) and all(isinstance(x, str) for x in state.get('seen', [])))
     if state is not None and not valid:
         LOG.warning('[AWS CloudWatch] ignoring an unreadable record of written buckets')

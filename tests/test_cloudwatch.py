@@ -275,6 +275,66 @@ def test_failed_getmetricdata_runs_leave_no_gap(aws, user, sink, monkeypatch):
     assert sorted(got) == [END + k * PERIOD for k in range(-3, 4)] and len(got) == len(set(got))
 
 
+def test_a_failed_run_after_two_hours_of_missed_runs_leaves_no_gap_at_period_60(aws, user, sink,
+                                                                                  monkeypatch):
+    """Func down 2 h, its first run back failing: the failed run must not move
+    the missing buckets past the 63 buckets the record's masks reach."""
+    p = 60
+    now0 = 1_800_000_000 // p * p + 7
+    end0 = (now0 - 180) // p * p
+    (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('horizon'))
+    for k in range(-3, 125):
+        put(aws, 'us-east-1', instance_id, 'CPUUtilization', end0 + k * p + 5, 1.0)
+    account = account_of(user)
+    configs = {'period': 60, 'max_attempts': 1, 'statistics': ['Sum']}
+    run_at(account, now0, configs)
+    down = {'on': True}
+    proxy = FaultProxy(aws.url, lambda r: ('status', 503, 'unavailable')
+                       if down['on'] and b'MetricDataQueries' in r['body'] else None)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    try:
+        with pytest.raises(core.RunFailed):
+            run_at(account, now0 + 120 * p, configs)
+        down['on'] = False
+        run_at(account, now0 + 121 * p, configs)
+        run_at(account, now0 + 122 * p, configs)
+    finally:
+        proxy.stop()
+    got = cpu_buckets(sink, instance_id)
+    assert sorted(got) == list(range(end0 - 3 * p, end0 + 122 * p, p)) and len(got) == len(set(got))
+
+
+def test_the_record_outlives_an_upgrade_and_equivalent_spellings(aws, user, sink):
+    """The record kept under the key of the version before (state_key) is
+    taken over; the key does not change with the order of statistics, 'ALL'
+    or ['*'], a default written out, or an Organization's account lists."""
+    (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('upgrade'))
+    for k in range(-4, 2):
+        put(aws, 'us-east-1', instance_id, 'CPUUtilization', END + k * PERIOD + 5, 1.0)
+    account = account_of(user)
+    run_at(account, NOW)
+    collector = cw.DataCollector(account, {'regions': ['us-east-1']}, now=lambda: NOW + PERIOD)
+    cache, account_id = collector.cache_store(), collector.identity()['account_id']
+    new, old = (f'integration_aws_cloudwatch:written:{scope}:{account_id}:us-east-1'
+                for scope in (collector.record_scope, collector.state_key))
+    cache.set(old, cache.get(new), expires=3600)
+    cache.delete(new)
+    core.Runner(collector, force=True).run()
+    got = cpu_buckets(sink, instance_id)
+    assert sorted(got) == [END + k * PERIOD for k in range(-3, 1)] and len(got) == len(set(got))
+
+    def scope(account_extra=None, **configs):
+        return cw.DataCollector(dict(account, **(account_extra or {})),
+                                dict({'regions': ['us-east-1']}, **configs)).record_scope
+    assert scope(statistics=['Sum', 'Average']) == scope(statistics=['Average', 'Sum'])
+    assert scope(targets=[{'namespace': 'AWS/RDS', 'metrics': 'ALL'}]) == \
+        scope(targets=[{'namespace': 'AWS/RDS', 'metrics': ['*'], 'dimensions': ['DBInstanceIdentifier']}])
+    org = {'member_role_name': 'Reader'}
+    assert scope(dict(org, member_accounts=['111111111111'])) == \
+        scope(dict(org, member_accounts=['111111111111', '222222222222'], exclude_accounts=['333333333333']))
+    assert scope(statistics=['Sum']) != scope(statistics=['Average'])
+
+
 def test_changing_a_tuning_option_or_adding_a_region_writes_no_bucket_twice(aws, user, sink):
     (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('dup'))
     for k in range(-4, 2):
