@@ -146,9 +146,10 @@ class DataCollector(auth.AwsCollector):
         keys of its discovery and written-bucket records: not the tuning
         options (concurrency, retries, delay, backfill, discovery_interval)
         nor the other regions, whose change must not write buckets again."""
-        # Not the accounts an Organization lists: the key names the account.
-        who = {k: v for k, v in self.account.items()
-               if k not in auth.SECRET_KEYS + auth.ACCOUNT_LIST_KEYS}
+        # The account is in the key itself (the one that answered): not the
+        # credentials that reach it (a rotated key), nor the accounts an
+        # Organization lists; its extra_tags are in the points.
+        who = {'extra_tags': self.account.get('extra_tags', {})}
         # The targets and statistics as they select, whatever their spelling
         # or order ('ALL' or ['*'], a default written out).
         targets = sorted(
@@ -277,7 +278,7 @@ class _Region:
         self.calls_left = 0
         self.series = []
         self.window = None
-        self.state = None           # the record loaded: {'period', 'end', 'written'[, 'since']}
+        self.state = None           # the record loaded: {'period', 'end', 'written', 'missing', 'seen'}
         self.masks = {}             # this run's masks, re-based to the window's end
         self.started = time.monotonic()
 
@@ -359,6 +360,13 @@ class _Region:
         configs = self.collector.configs
         period = configs['period']
         end = int(self.collector.now() - configs['delay']) // period * period
+        if self.state and self.state['end'] > end + 2 * period:
+            # Saved by a run whose clock was ahead: until it expired, no
+            # bucket would seem to have closed since.
+            LOG.warning('[%s] the record of written buckets ends at %s, ahead of this clock: '
+                        'starting it again', self.region,
+                        time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.state['end'])))
+            self.state = None
         last_end = self.state['end'] if self.state else None
         # Where a series may still miss buckets: the last run's end, or
         # earlier when a call of a run before failed (see save_state).
@@ -446,10 +454,9 @@ class _Region:
         start, end = window
         written = self.state['written'] if self.state else {}
         last_end = self.state['end'] if self.state else None
-        # Series a failed call left without their buckets from `since` on:
-        # those are unwritten, however far back the mask reaches.
-        since = _since(self.state)
-        missing = set(self.state.get('missing', ())) if self.state else set()
+        # Series a failed call left without their buckets from their own
+        # `since` on: those are unwritten, however far back the mask reaches.
+        missing = self.state.get('missing', {}) if self.state else {}
         masks = {}
         out = []
         for index, series in enumerate(chunk):
@@ -464,7 +471,7 @@ class _Region:
                 if not start <= second < end or second % period:
                     continue
                 if _was_written(old_mask, last_end, second, period,
-                                pending=series.sid in missing and second >= since):
+                                pending=second >= missing.get(series.sid, end)):
                     continue
                 if base is None:
                     base = self._tags(series)
@@ -485,9 +492,9 @@ class _Region:
     def save_state(self):
         """The record of written buckets, re-based to this window's end. A
         series this run did not answer for (a failed call) keeps its old bits,
-        and the record keeps where its missing buckets begin (`since`): the
-        next run reads back to there, so a failed call leaves no gap (up to
-        `backfill`, and MASK_BUCKETS buckets)."""
+        and the record keeps, for each such series, where its missing buckets
+        begin: the next run reads back to there, so a failed call leaves no
+        gap (up to `backfill`)."""
         configs = self.collector.configs
         period, (start, end) = configs['period'], self.window
         masks = {}
@@ -499,12 +506,12 @@ class _Region:
         record = {'period': period, 'end': end,
                   'written': {sid: mask for sid, mask in masks.items() if mask}}
         current = {series.sid for series in self.series}
-        missing = current - set(self.masks)
-        if missing:
-            earlier = _since(self.state)
-            since = earlier if earlier is not None else start
-            record['since'] = max(since, end - configs['backfill'])
-            record['missing'] = sorted(missing)
+        before = self.state.get('missing', {}) if self.state else {}
+        complete_until = self.state['end'] if self.state else start
+        # A series missing already keeps where it began to miss; one missing
+        # now misses from the last run's end (it was whole until there).
+        record['missing'] = {sid: max(before.get(sid, complete_until), end - configs['backfill'])
+                             for sid in sorted(current - set(self.masks))}
         # The series read so far (a series not yet answered stays new).
         seen = set(self.state.get('seen') or ()) if self.state else set()
         record['seen'] = sorted(current & (seen | set(self.masks)))
@@ -620,11 +627,11 @@ def _shift(mask, last_end, end, period):
 
 def _since(state):
     """The first bucket some series may still miss: the last run's end, or
-    the `since` a failed call left; None without a record."""
+    earlier where a failed call left a series without its buckets; None
+    without a record."""
     if not state:
         return None
-    since = state.get('since')
-    return min(since, state['end']) if isinstance(since, int) else state['end']
+    return min([state['end']] + list(state.get('missing', {}).values()))
 
 
 def _load_state(cache, key, period):
@@ -632,8 +639,8 @@ def _load_state(cache, key, period):
     valid = (isinstance(state, dict) and state.get('period') == period
              and isinstance(state.get('end'), int) and isinstance(state.get('written'), dict)
              and all(isinstance(m, int) for m in state['written'].values())
-             and isinstance(state.get('since', 0), int)
-             and isinstance(state.get('missing', []), list) and all(isinstance(x, str) for x in state.get('missing', []))
+             and isinstance(state.get('missing', {}), dict)
+             and all(type(m) is int for m in state.get('missing', {}).values())
              and isinstance(state.get('seen', []), list) and all(isinstance(x, str) for x in state.get('seen', [])))
     if state is not None and not valid:
         LOG.warning('[AWS CloudWatch] ignoring an unreadable record of written buckets')

@@ -335,6 +335,66 @@ def test_the_record_outlives_an_upgrade_and_equivalent_spellings(aws, user, sink
     assert scope(statistics=['Sum']) != scope(statistics=['Average'])
 
 
+def test_two_runs_failing_on_different_calls_write_each_bucket_once(aws, user, sink, monkeypatch):
+    """101 series x 5 statistics: two GetMetricData calls. After 70 minutes
+    down, the first run back fails on the second call, the next on the first:
+    each series' own missing buckets are read back, none twice (period 60:
+    beyond the 63 buckets the masks reach)."""
+    p = 60
+    now0 = 1_800_000_000 // p * p + 7
+    end0 = (now0 - 180) // p * p
+    clock = {'now': now0}
+    estate = ec2_estate(instances=101, metrics=1, region='us-east-1')
+    fake = FakeCloudWatch(estate, period=60, clock=lambda: clock['now']).start()
+    ids = sorted(s['dimensions']['InstanceId'] for s in estate['us-east-1'])
+    fail = {'id': None}
+    proxy = FaultProxy(fake.url, lambda r: ('status', 503, 'unavailable')
+                       if fail['id'] and fail['id'].encode() in r['body'] else None)
+    monkeypatch.setenv('AWS_ENDPOINT_URL_CLOUDWATCH', proxy.url)
+    account, configs = account_of(user), {'period': 60, 'max_attempts': 1}
+
+    def run(now):
+        clock['now'] = now
+        return run_at(account, now, configs)
+    try:
+        run(now0)
+        for failing, minute in ((ids[-1], 70), (ids[0], 71)):
+            fail['id'] = failing
+            with pytest.raises(core.RunFailed):
+                run(now0 + minute * p)
+        fail['id'] = None
+        run(now0 + 72 * p)
+        run(now0 + 73 * p)
+    finally:
+        proxy.stop()
+        fake.stop()
+    for instance in (ids[0], ids[-1]):
+        got = [pt['timestamp'] // 10**9 for pt in sink.metrics() if pt['tags'].get('InstanceId') == instance]
+        assert len(got) == len(set(got)) and set(range(end0 - 2 * p, end0 + 73 * p, p)) <= set(got), instance
+
+
+def test_a_rotated_key_or_a_clock_that_came_back_keeps_collecting(aws, user, sink, caplog):
+    """The record belongs to the account, not to the key that reached it. A
+    clock that jumped a day ahead and came back: the record it left is
+    started again (one warning), not believed until it expires."""
+    (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('rotate'))
+    for k in range(-4, 12):
+        put(aws, 'us-east-1', instance_id, 'CPUUtilization', END + k * PERIOD + 5, 1.0)
+    run_at(account_of(user), NOW)
+    key = aws.client('iam', 'us-east-1').create_access_key(
+        UserName=user['arn'].split('/')[-1])['AccessKey']
+    rotated = {'ak_id': key['AccessKeyId'], 'ak_secret': key['SecretAccessKey']}
+    run_at(rotated, NOW + PERIOD)
+    got = cpu_buckets(sink, instance_id)
+    assert sorted(got) == [END + k * PERIOD for k in range(-3, 1)] and len(got) == len(set(got))
+    sink.points.clear()
+    run_at(rotated, NOW + 86400)                    # a clock a day ahead, by mistake
+    for k in range(2, 11):
+        run_at(rotated, NOW + k * PERIOD)
+    assert sorted(set(cpu_buckets(sink, instance_id)))[-9:] == [END + k * PERIOD for k in range(1, 10)]
+    assert sum('ahead of this clock: starting it again' in r.getMessage() for r in caplog.records) == 1
+
+
 def test_changing_a_tuning_option_or_adding_a_region_writes_no_bucket_twice(aws, user, sink):
     (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('dup'))
     for k in range(-4, 2):
