@@ -156,8 +156,8 @@ class DataCollector(auth.AwsCollector):
             [t['namespace'], None if t['include'] is None else sorted(p.pattern for p in t['include']),
              t['exclude'], None if t['dimensions'] is None else sorted(t['dimensions'])]
             for t in self.configs['targets'])
-        decisive = {'period': self.configs['period'], 'statistics': sorted(self.configs['statistics']),
-                    'targets': targets}
+        # Not the statistics either: one added appears from the next bucket on.
+        decisive = {'period': self.configs['period'], 'targets': targets}
         return f'{self.name}:' + core.fingerprint(who, decisive, self.filters, self.after_collect)
 
     def own_tags(self):
@@ -359,10 +359,11 @@ class _Region:
         when no bucket closed since the last run."""
         configs = self.collector.configs
         period = configs['period']
-        end = int(self.collector.now() - configs['delay']) // period * period
-        if self.state and self.state['end'] > end + 2 * period:
-            # Saved by a run whose clock was ahead: until it expired, no
-            # bucket would seem to have closed since.
+        now = self.collector.now()
+        end = int(now - configs['delay']) // period * period
+        if self.state and self.state['end'] > now + period:
+            # No bucket can have closed after now: saved by a run whose clock
+            # was ahead. Believed, it would hold every run back until it expired.
             LOG.warning('[%s] the record of written buckets ends at %s, ahead of this clock: '
                         'starting it again', self.region,
                         time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.state['end'])))
@@ -508,13 +509,20 @@ class _Region:
         current = {series.sid for series in self.series}
         before = self.state.get('missing', {}) if self.state else {}
         complete_until = self.state['end'] if self.state else start
-        # A series missing already keeps where it began to miss; one missing
-        # now misses from the last run's end (it was whole until there).
-        record['missing'] = {sid: max(before.get(sid, complete_until), end - configs['backfill'])
-                             for sid in sorted(current - set(self.masks))}
-        # The series read so far (a series not yet answered stays new).
+        # A series missing already keeps where it began to miss (also while
+        # a ListMetrics answer leaves it out); one missing now misses from
+        # the last run's end (it was whole until there). Beyond `backfill`,
+        # nothing is read back.
+        missing = {sid: since for sid, since in before.items() if sid not in current}
+        missing.update((sid, before.get(sid, complete_until)) for sid in current - set(self.masks))
+        record['missing'] = {sid: max(since, end - configs['backfill'])
+                             for sid, since in sorted(missing.items()) if since >= end - configs['backfill']
+                             or sid in current}
+        # The series read so far (a series not yet answered stays new); one
+        # not listed now is remembered while the record still knows of it.
         seen = set(self.state.get('seen') or ()) if self.state else set()
-        record['seen'] = sorted(current & (seen | set(self.masks)))
+        record['seen'] = sorted((current & (seen | set(self.masks)))
+                                | (seen & (set(record['written']) | set(record['missing']))))
         try:
             self._cache().set(self._key('written'), core.pack_json(record),
                               expires=configs['backfill'] + 3600)
