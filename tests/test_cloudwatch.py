@@ -306,8 +306,8 @@ def test_a_failed_run_after_two_hours_of_missed_runs_leaves_no_gap_at_period_60(
 
 def test_the_record_outlives_an_upgrade_and_equivalent_spellings(aws, user, sink):
     """The record kept under the key of the version before (state_key) is
-    taken over; the key does not change with the order of statistics, 'ALL'
-    or ['*'], a default written out, or an Organization's account lists."""
+    taken over; the key does not change with the statistics, 'ALL' or ['*'],
+    a default written out, or an Organization's account lists."""
     (instance_id,) = aws.run_instances('us-east-1', 1, name=unique('upgrade'))
     for k in range(-4, 2):
         put(aws, 'us-east-1', instance_id, 'CPUUtilization', END + k * PERIOD + 5, 1.0)
@@ -332,7 +332,9 @@ def test_the_record_outlives_an_upgrade_and_equivalent_spellings(aws, user, sink
     org = {'member_role_name': 'Reader'}
     assert scope(dict(org, member_accounts=['111111111111'])) == \
         scope(dict(org, member_accounts=['111111111111', '222222222222'], exclude_accounts=['333333333333']))
-    assert scope(statistics=['Sum']) != scope(statistics=['Average'])
+    assert scope(statistics=['Sum']) == scope(statistics=['Sum', 'Average'])
+    assert scope(period=60) != scope(period=300)
+    assert scope(targets=[{'namespace': 'AWS/EC2', 'metrics': ['CPU*']}]) != scope()
 
 
 def test_two_runs_failing_on_different_calls_write_each_bucket_once(aws, user, sink, monkeypatch):
