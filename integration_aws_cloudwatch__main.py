@@ -371,7 +371,7 @@ class _Region:
         last_end = self.state['end'] if self.state else None
         # Where a series may still miss buckets: the last run's end, or
         # earlier when a call of a run before failed (see save_state).
-        since = _since(self.state)
+        since = _since(self.state, {series.sid for series in self.series})
         if last_end is not None and end <= last_end:
             if since >= last_end:
                 return None
@@ -396,6 +396,7 @@ class _Region:
             seen = set(seen)
             known = [series for series in self.series if series.sid in seen]
             new = [series for series in self.series if series.sid not in seen]
+        # (`start` already reaches back to where a failed call left one.)
         reach = max(end - configs['backfill'], end - (MASK_BUCKETS - 1) * configs['period'])
         out = []
         for group, window in ((known, self.window), (new, (min(start, reach), end))):
@@ -518,11 +519,10 @@ class _Region:
         record['missing'] = {sid: max(since, end - configs['backfill'])
                              for sid, since in sorted(missing.items()) if since >= end - configs['backfill']
                              or sid in current}
-        # The series read so far (a series not yet answered stays new); one
-        # not listed now is remembered while the record still knows of it.
+        # The series read so far, of those listed now: one not yet answered,
+        # or listed again, is new (read back over backfill).
         seen = set(self.state.get('seen') or ()) if self.state else set()
-        record['seen'] = sorted((current & (seen | set(self.masks)))
-                                | (seen & (set(record['written']) | set(record['missing']))))
+        record['seen'] = sorted(current & (seen | set(self.masks)))
         try:
             self._cache().set(self._key('written'), core.pack_json(record),
                               expires=configs['backfill'] + 3600)
@@ -633,13 +633,15 @@ def _shift(mask, last_end, end, period):
     return (mask << steps) & ((1 << MASK_BUCKETS) - 1) if steps < MASK_BUCKETS else 0
 
 
-def _since(state):
-    """The first bucket some series may still miss: the last run's end, or
-    earlier where a failed call left a series without its buckets; None
-    without a record."""
+def _since(state, listed):
+    """The first bucket a series `listed` (by sid) may still miss: the last
+    run's end, or earlier where a failed call left it without its buckets;
+    None without a record. A series not listed now waits, its mark kept, and
+    widens no window."""
     if not state:
         return None
-    return min([state['end']] + list(state.get('missing', {}).values()))
+    missing = state.get('missing', {})
+    return min([state['end']] + [missing[sid] for sid in listed if sid in missing])
 
 
 def _load_state(cache, key, period):

@@ -122,3 +122,48 @@ def test_raising_delay_or_adding_a_statistic_writes_no_bucket_twice(estate, sink
     got = stamps(sink, e.ids[0])
     assert got and len(got) == len(set(got))
     assert not any('ahead of this clock' in r.getMessage() for r in caplog.records)
+
+
+def series_key(e, now):
+    collector = e.collector(now)
+    return collector.cache_store(), (f'integration_aws_cloudwatch:series:{collector.record_scope}:'
+                                     f"{collector.identity()['account_id']}:us-east-1")
+
+
+def listed(e, instance, active):
+    for series in e.fake._estate('us-east-1').series:
+        if series.dimensions.get('InstanceId') == instance:
+            series.active = active
+
+
+def test_a_series_left_out_of_listmetrics_for_a_while_gets_its_buckets_when_back(estate, sink):
+    """y has data all along but ListMetrics leaves it out for 40 minutes:
+    listed again, it is read back like a new series."""
+    e = estate(instances=2, period=60)
+    p, t = e.period, e.now0
+    end0 = (t - 180) // p * p
+    x, y = e.ids
+    cache, key = series_key(e, t)
+    for k in range(50):
+        listed(e, y, not 5 <= k < 45)
+        cache.delete(key)                   # a fresh ListMetrics answer each run
+        e.run(t + k * p)
+    for instance in (x, y):
+        assert_once(sink, instance, range(end0 - 2 * p, end0 + 49 * p, p))
+
+
+def test_a_failed_series_no_longer_listed_costs_no_call_when_no_bucket_closed(estate, sink):
+    e = estate(instances=2, period=300)
+    p, t = e.period, e.now0
+    x, _ = e.ids
+    cache, key = series_key(e, t)
+    e.run(t)
+    e.fail['id'] = x
+    e.run(t + p, fails=True)
+    e.fail['id'] = None
+    listed(e, x, False)
+    calls = []
+    for m in range(1, 61):                  # an hour, one run a minute
+        cache.delete(key)
+        calls.append(e.run(t + p + 60 * m))
+    assert sum(calls) <= 13, calls          # 12 buckets closed, and the run after the failure
