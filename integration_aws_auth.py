@@ -2063,7 +2063,7 @@ class CollectorAccount:
         sessions (the cache is shared: a record only the management keys
         could make), and members() still checks it names the management
         account once that is known."""
-        cache = self.cache if self.cache is not None else _default_cache()
+        cache = self._cache()
         key, what = self._refusal_key(), "the management account's refusal of the member role"
         record, sealed = _read_sealed(cache, key, self.session().integration_binding.seal_keys, what)
         record = _checked_record(cache, key, record if sealed else {}, lambda r: (
@@ -2072,28 +2072,32 @@ class CollectorAccount:
         if record is None:
             return None
         checked = _parse_time(record['checked'])
-        if not 0 <= ((self.clock or _utcnow)() - checked).total_seconds() < MANAGEMENT_ROLE_RECHECK:
+        if not 0 <= (self._now() - checked).total_seconds() < MANAGEMENT_ROLE_RECHECK:
             return None
         again = _format_time(checked + datetime.timedelta(seconds=MANAGEMENT_ROLE_RECHECK))
         return {'account_id': record['account_id'],
                 'skipped': f"{record['skipped']}; asked again after {again}"}
 
     def _remember_refusal(self, member):
-        cache = self.cache if self.cache is not None else _default_cache()
         record = json.dumps({'account_id': member.account_id, 'skipped': member.skipped,
-                             'checked': _format_time((self.clock or _utcnow)())})
+                             'checked': _format_time(self._now())})
         try:
-            cache.set(self._refusal_key(), _seal(self.session().integration_binding.seal_keys, record),
+            self._cache().set(self._refusal_key(), _seal(self.session().integration_binding.seal_keys, record),
                       expire=MANAGEMENT_ROLE_RECHECK)
         except Exception as e:      # a broken cache costs an AssumeRole next run, not this run
             LOG.warning('[AWS auth] cannot keep the management account\'s refusal: %s', type(e).__name__)
 
     def _forget_refusal(self):
-        cache = self.cache if self.cache is not None else _default_cache()
         try:
-            cache.delete(self._refusal_key())
+            self._cache().delete(self._refusal_key())
         except Exception as e:
             LOG.warning('[AWS auth] cannot drop the kept refusal: %s', type(e).__name__)
+
+    def _cache(self):
+        return self.cache if self.cache is not None else _default_cache()
+
+    def _now(self):
+        return (self.clock or _utcnow)()
 
     def _open_member(self, member, ready=None):
         session = member_session(self.session(), self.account, member.account_id,
@@ -2125,8 +2129,9 @@ class CollectorAccount:
         arn = self.account.get('assume_role_arn')
         if arn:
             return ROLE_ARN_RE.match(arn).group(1)
-        if _device_partition(self.account):
-            return _device_partition(self.account)      # an MFA device works in its own
+        device = _device_partition(self.account)
+        if device:
+            return device       # an MFA device works in its own partition only
         errors = []
         for partition, region in PARTITION_STS_REGION.items():
             try:

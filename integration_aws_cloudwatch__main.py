@@ -150,8 +150,8 @@ class DataCollector(auth.AwsCollector):
         # credentials that reach it (a rotated key), nor the accounts an
         # Organization lists; its extra_tags are in the points.
         who = {'extra_tags': self.account.get('extra_tags', {})}
-        # The targets and statistics as they select, whatever their spelling
-        # or order ('ALL' or ['*'], a default written out).
+        # The targets as they select, whatever their spelling or order ('ALL'
+        # or ['*'], a default written out).
         targets = sorted(
             [t['namespace'], None if t['include'] is None else sorted(p.pattern for p in t['include']),
              t['exclude'], None if t['dimensions'] is None else sorted(t['dimensions'])]
@@ -289,12 +289,7 @@ class _Region:
             collector = self.collector
             self.series = self._series()
             self.result['series'] = len(self.series)
-            self.state = _load_state(self._cache(), self._key('written'), collector.configs['period'])
-            if self.state is None:
-                # The record as the version before kept it (under state_key):
-                # taken over once, so an upgrade writes no bucket again.
-                self.state = _load_state(self._cache(), self._key('written', collector.state_key),
-                                         collector.configs['period'])
+            self.state = self._load_record()
             self.window = self._window()
             if self.window is None:
                 self.result['note'] = 'no new bucket has closed since the last run'
@@ -352,6 +347,25 @@ class _Region:
 
     # -- the window ---------------------------------------------------------
 
+    def _load_record(self):
+        """The region's record of written buckets; else the one the version
+        before kept under state_key (taken over once: an upgrade writes no
+        bucket again); None when there is none, or when it ends after now."""
+        collector = self.collector
+        period = collector.configs['period']
+        state = _load_state(self._cache(), self._key('written'), period)
+        if state is None:
+            state = _load_state(self._cache(), self._key('written', collector.state_key), period)
+        now = collector.now()
+        if state and state['end'] > now + period:
+            # No bucket can have closed after now: saved by a run whose clock
+            # was ahead. Believed, it would hold every run back until it expired.
+            LOG.warning('[%s] the record of written buckets ends at %s, ahead of this clock: '
+                        'starting it again', self.region,
+                        time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(state['end'])))
+            return None
+        return state
+
     def _window(self):
         """[start, end) aligned to the period: end is the last closed bucket
         (delay included), start reaches back over the buckets since the last
@@ -359,15 +373,7 @@ class _Region:
         when no bucket closed since the last run."""
         configs = self.collector.configs
         period = configs['period']
-        now = self.collector.now()
-        end = int(now - configs['delay']) // period * period
-        if self.state and self.state['end'] > now + period:
-            # No bucket can have closed after now: saved by a run whose clock
-            # was ahead. Believed, it would hold every run back until it expired.
-            LOG.warning('[%s] the record of written buckets ends at %s, ahead of this clock: '
-                        'starting it again', self.region,
-                        time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.state['end'])))
-            self.state = None
+        end = int(self.collector.now() - configs['delay']) // period * period
         last_end = self.state['end'] if self.state else None
         # Where a series may still miss buckets: the last run's end, or
         # earlier when a call of a run before failed (see save_state).
@@ -539,7 +545,7 @@ class _Region:
             tags.update(collector.objects.get(name) or {})
         tags.update(collector.extra_tags)
         tags.update(self.member.tags)
-        own = ('RegionId', 'cloud_provider') + collector.account_tags
+        own = BUILT_IN_TAGS + collector.account_tags
         for name, value in series.dims:
             # A dimension named like a tag we write (a custom namespace's
             # RegionId) keeps its value under <name>_dimension: overwritten,

@@ -1523,8 +1523,7 @@ class Workers:
     def submit(self, func, *args):
         with self._lock:
             if self._stopped:       # no thread would ever run it
-                if func is _settle and not args[0].done():
-                    args[0].set_exception(Cancelled('the run ended before this was done'))
+                _cancel((func, args))
                 return
             if len(self._threads) < self.size:
                 self._start_thread()
@@ -1571,13 +1570,21 @@ class Workers:
                 task = self._tasks.get_nowait()
             except queue.Empty:
                 break
-            if task is not None and task[0] is _settle and not task[1][0].done():
-                task[1][0].set_exception(Cancelled('the run ended before this was done'))
+            if task is not None:
+                _cancel(task)
         for _ in threads:
             self._tasks.put(None)
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _cancel(task):
+    """A task that will never run: the Future of a Workers.run() gets an
+    error, so that whoever waits on it never hangs."""
+    func, args = task
+    if func is _settle and not args[0].done():
+        args[0].set_exception(Cancelled('the run ended before this was done'))
 
 
 def check_keys(mapping, known, where, error=None):
