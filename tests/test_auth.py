@@ -748,7 +748,9 @@ def test_regions_star_takes_the_partition_of_an_mfa_device_arn(aws):
     """Like a role's ARN, a device's names its partition: discovery asks no
     other partition's STS (and the device check cannot stop it there)."""
     account = {**GOOD, 'serial_number': 'arn:aws-cn:iam::123456789012:mfa/alice', 'token_code': '123456'}
-    assert auth.CollectorAccount(account, ['*'])._discover_partition() == 'aws-cn'
+    with aws.recording() as calls:
+        assert auth.CollectorAccount(account, ['*'])._discover_partition() == 'aws-cn'
+    assert calls == []
     with pytest.raises(auth.AccountConfigError, match="MFA device of partition 'aws-cn' but the regions are in 'aws'"):
         auth.CollectorAccount(account, ['us-east-1'])
 

@@ -120,7 +120,12 @@ def test_raising_delay_or_adding_a_statistic_writes_no_bucket_twice(estate, sink
     e.run(t + 5 * p, {'statistics': ['Sum', 'Average'], 'delay': 1800})
     e.run(t + 9 * p, {'statistics': ['Sum', 'Average'], 'delay': 1800})
     got = stamps(sink, e.ids[0])
-    assert got and len(got) == len(set(got))
+    end0 = (t - 600) // p * p
+    assert sorted(got) == list(range(end0 - 3 * p, (t + 9 * p - 1800) // p * p, p))
+    # The statistic added is in every bucket after the last one written without it.
+    first_with_average = (t + 3 * p - 600) // p * p
+    assert all(('CPUUtilization_Average' in pt['fields']) == (pt['timestamp'] // 10**9 >= first_with_average)
+               for pt in sink.metrics())
     assert not any('ahead of this clock' in r.getMessage() for r in caplog.records)
 
 
@@ -166,4 +171,8 @@ def test_a_failed_series_no_longer_listed_costs_no_call_when_no_bucket_closed(es
     for m in range(1, 61):                  # an hour, one run a minute
         cache.delete(key)
         calls.append(e.run(t + p + 60 * m))
-    assert sum(calls) <= 13, calls          # 12 buckets closed, and the run after the failure
+    # One call a bucket closed (12), and one the first minute, for the bucket
+    # the failed run left to y too.
+    assert sum(calls) == 13 and set(calls) == {0, 1}, calls
+    end0 = (t - 600) // p * p
+    assert sorted(stamps(sink, e.ids[1])) == list(range(end0 - 3 * p, (t + p + 3600 - 600) // p * p, p))

@@ -759,7 +759,7 @@ def test_a_pool_starts_a_thread_per_task_up_to_its_size_and_ends_them_all():
         late.result(1)
 
 
-def test_a_pool_thread_that_cannot_start_leaves_the_work_to_the_others(monkeypatch):
+def test_a_pool_thread_that_cannot_start_leaves_the_work_to_the_others(monkeypatch, caplog):
     """"can't start new thread": with a thread running, the task still runs,
     once; with none, submit() says so and queues nothing."""
     starts = []
@@ -775,11 +775,13 @@ def test_a_pool_thread_that_cannot_start_leaves_the_work_to_the_others(monkeypat
     ran = []
     futures = [pool.run(ran.append, n) for n in range(3)]
     assert [f.result(10) for f in futures] == [None] * 3 and sorted(ran) == [0, 1, 2]
+    assert 'a startfail thread could not start: 1 thread(s) do the work' in caplog.text
     pool.stop(5)
     empty = core.Workers(2, 'startfail-none')
     starts.append('make the next start fail')
     with pytest.raises(RuntimeError, match="can't start"):
         empty.run(ran.append, 'never')
+    assert empty._tasks.empty()         # nothing queued for a thread that is not there
     empty.stop(1)
     assert 'never' not in ran
 
