@@ -829,8 +829,11 @@ def text_timestamp(value):
     """A response's timestamp as iso_time's text (FastParserFactory's
     text_timestamps)."""
     if isinstance(value, str) and _AWS_TIME.fullmatch(value):
-        datetime.date.fromisoformat(value[:10])     # a day that exists, or ValueError
-        return value[:19] + 'Z'
+        try:
+            datetime.date.fromisoformat(value[:10])     # a day that exists
+            return value[:19] + 'Z'
+        except ValueError:
+            pass        # refused below, with the message the datetime path gives
     return iso_time(fast_timestamp(value))
 
 
