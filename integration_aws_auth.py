@@ -20,7 +20,8 @@ Public entry points
     take_client(session, service, region, config) -> a client of that session,
         the one the last run of the same credentials kept when there is one;
     keep_clients(clients): a run that ended well keeps them for the next
-        (without their credentials).
+        (without their credentials); keep_member_sessions(sessions) likewise
+        for member_session's.
     AccountConfigError (a ValueError, via core.ConfigError): every invalid account, before any AWS call.
     AuthError (a RuntimeError): credentials that AWS (or the machine) refused.
 
@@ -266,7 +267,12 @@ def member_session(management, account, member_id, cache=None, clock=None, watch
     with the credentials of `management`, the session get_session made for
     `account`. When those are themselves a session (a role, MFA, an instance
     role), this is role chaining: AWS caps the member session at 1 hour. The
-    session is cached and sealed like the management's, bound to its base."""
+    session is cached and sealed like the management's, bound to its base.
+
+    The Session object is the one the last run of the same member and base
+    gave back (keep_member_sessions), when there is one: making one costs
+    3-4 ms of CPU (botocore's handlers copied, its config chain built, boto3's
+    handlers registered), per member account and run."""
     region = management.region_name
     partition = partition_of(region)
     member = {'assume_role_arn': f"arn:{partition}:iam::{member_id}:role/{account['member_role_name']}"}
@@ -276,18 +282,40 @@ def member_session(management, account, member_id, cache=None, clock=None, watch
             member[member_key] = account[key]
     base = management.integration_binding
     binding = _Binding(base.key, base.seal_keys, management.get_credentials(), base.chained)
-    bs = new_botocore_session(text_timestamps)
-    bs.set_config_variable('region', region)
+    key = _hash('member', member_id, base.key, region, text_timestamps,
+                sorted((service, sorted(names)) for service, names in (operations or {}).items()),
+                _sdk_state())
+    session = _take_kept(_KEPT_SESSIONS, key)
+    bs = session._session if session is not None else new_botocore_session(text_timestamps)
+    if session is None:
+        bs.set_config_variable('region', region)
     fetcher = _TemporaryCredentialFetcher(
         member, bs, region, 'member_role', cache=cache if cache is not None else _default_cache(),
         clock=clock or _utcnow, binding=binding)
     fetcher.watch = watch
     bs._credentials = fetcher.refreshable_credentials()
-    session = _boto3_session(bs, region)
-    _limit_operations(bs, operations)
+    if session is None:
+        session = _boto3_session(bs, region)
+        _limit_operations(bs, operations)
     session.integration_binding = _Binding(('member', member_id, base.key), base.seal_keys, None, True)
     session.integration_forget = fetcher.forget
+    session.integration_key = key
     return session
+
+
+def keep_member_sessions(sessions):
+    """Give back member_session's sessions whose run is over, every thread of
+    it ended: the next run of the same member and base takes them. A kept
+    session holds no credentials (member_session gives it the next run's)."""
+    kept = []
+    for session in sessions:
+        key = getattr(session, 'integration_key', None)
+        if key is None:
+            continue
+        session._session._credentials = None
+        session.integration_binding = session.integration_forget = session.integration_key = None
+        kept.append((key, session))
+    _keep(_KEPT_SESSIONS, kept, KEPT_SESSIONS)
 
 
 def _boto3_session(bs, region):
@@ -625,6 +653,10 @@ def process_shared():
 # each), none idle longer than KEPT_CLIENT_IDLE seconds.
 KEPT_CLIENTS = 256
 KEPT_CLIENT_IDLE = 3600
+# And the sessions of an Organization's member accounts (member_session),
+# about 120 KiB each, with the same idle limit.
+KEPT_SESSIONS = 256
+_KEPT_CLIENTS, _KEPT_SESSIONS = 'kept_clients.v1', 'kept_sessions.v1'
 _PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'no_proxy', 'all_proxy')
 _CREDENTIAL_VARIABLES = ('AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN',
                          'AWS_SECURITY_TOKEN')
@@ -639,17 +671,10 @@ def take_client(session, service, region, config):
     of every region's first request, and an Organization makes one per
     account and region."""
     key = _client_key(session, service, region, config)
-    client = None
-    if key is not None:
-        shared = process_shared()
-        with shared.lock:
-            entry = shared.data.get('kept_clients.v1', {}).pop(key, None)
-        if entry is not None and entry[0] < time.monotonic() - KEPT_CLIENT_IDLE:
-            getattr(entry[1], 'close', lambda: None)()      # idle too long: a new one
-        elif entry is not None:
-            client = entry[1]
-            _bind_credentials(client, session._session)
-    if client is None:
+    client = _take_kept(_KEPT_CLIENTS, key) if key is not None else None
+    if client is not None:
+        _bind_credentials(client, session._session)
+    else:
         client = session.client(service, region_name=region, config=config)
     client._integration_key = key
     return client
@@ -659,25 +684,49 @@ def keep_clients(clients):
     """Give back clients of take_client whose run is over, every thread of
     it ended: the next run of the same credentials takes them. A kept client
     holds no credentials (take_client gives it the next run's)."""
+    kept = []
+    for client in clients:
+        key = getattr(client, '_integration_key', None)
+        if key is None or not hasattr(getattr(client, '_request_signer', None), '_credentials'):
+            continue
+        _bind_credentials(client, None)
+        kept.append((key, client))
+    _keep(_KEPT_CLIENTS, kept, KEPT_CLIENTS)
+
+
+def _take_kept(store, key):
+    """What _keep() gave back under `key` to process_shared's `store`, taken
+    out (no other run can take it meanwhile); None when there is none, or it
+    was idle too long (then closed)."""
+    shared = process_shared()
+    with shared.lock:
+        entry = shared.data.get(store, {}).pop(key, None)
+    if entry is None:
+        return None
+    if entry[0] < time.monotonic() - KEPT_CLIENT_IDLE:
+        getattr(entry[1], 'close', lambda: None)()
+        return None
+    return entry[1]
+
+
+def _keep(store, items, limit):
+    """Keep (key, object) pairs, already stripped of credentials, in
+    process_shared's `store`: at most `limit`, none idle longer than
+    KEPT_CLIENT_IDLE seconds, the oldest dropped (and closed) first."""
     now = time.monotonic()
     shared = process_shared()
     dropped = []
     with shared.lock:
-        kept = shared.data.setdefault('kept_clients.v1', collections.OrderedDict())
-        for client in clients:
-            key = getattr(client, '_integration_key', None)
-            signer = getattr(client, '_request_signer', None)
-            if key is None or not hasattr(signer, '_credentials'):
-                continue
-            _bind_credentials(client, None)
+        kept = shared.data.setdefault(store, collections.OrderedDict())
+        for key, value in items:
             previous = kept.pop(key, None)      # two runs of the same key at once
-            if previous is not None and previous[1] is not client:
+            if previous is not None and previous[1] is not value:
                 dropped.append(previous[1])
-            kept[key] = (now, client)
-        while kept and (len(kept) > KEPT_CLIENTS or next(iter(kept.values()))[0] < now - KEPT_CLIENT_IDLE):
+            kept[key] = (now, value)
+        while kept and (len(kept) > limit or next(iter(kept.values()))[0] < now - KEPT_CLIENT_IDLE):
             dropped.append(kept.popitem(last=False)[1][1])
-    for client in dropped:
-        getattr(client, 'close', lambda: None)()
+    for value in dropped:
+        getattr(value, 'close', lambda: None)()
 
 
 def _bind_credentials(client, bs):
@@ -745,8 +794,18 @@ def _client_key(session, service, region, config):
     operations = sorted(getattr(loader, '_operations', {}).items())
     parsing = getattr(session._session.get_component('response_parser_factory'),
                       'text_timestamps', None)
-    # The SDK's settings; not its credentials, which the binding stands for
-    # (the key is then derived from no secret at all).
+    text = repr((binding.key, operations, parsing, service, region, sorted(options.items(), key=repr),
+                 _sdk_state()))
+    return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()
+
+
+def _sdk_state():
+    """What else a kept client or session must share with the one asked for:
+    the SDK's settings in the environment (endpoint URLs, proxies, CA bundle
+    ...; not its credentials, which a binding stands for, so that a key is
+    derived from no secret at all), its config file as it is now, and the
+    code of this module and the core (a new version pasted into Func makes
+    new ones)."""
     environment = sorted((name, value) for name, value in os.environ.items()
                          if (name.startswith('AWS_') and name not in _CREDENTIAL_VARIABLES)
                          or name.lower() in _PROXY_VARIABLES)
@@ -756,9 +815,7 @@ def _client_key(session, service, region, config):
         config_state = (config_file, stat.st_mtime_ns, stat.st_size)
     except OSError:
         config_state = (config_file, None)
-    text = repr((binding.key, operations, parsing, service, region, sorted(options.items(), key=repr),
-                 environment, config_state, _code_version()))
-    return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()
+    return environment, config_state, _code_version()
 
 
 def new_botocore_session(text_timestamps=False):
@@ -2210,11 +2267,17 @@ class AwsCollector:
         """The subclass's _collect(); then, for an account whose kept session
         AWS refused in every region (revoked before its hourly check), that
         session is dropped and the account collected once more with a new one
-        (with MFA that needs a fresh code: the line says so)."""
+        (with MFA that needs a fresh code: the line says so). A run that
+        ended well keeps its member accounts' sessions for the next
+        (keep_member_sessions)."""
         yield from self._collect()
         dropped = self.aws.forget_refused(self.results)
-        if not dropped:
-            return
+        if dropped:
+            yield from self._collect_again(dropped)
+        if self.aws.organization:
+            keep_member_sessions(m.session for m in self.aws.collected if m.session is not None)
+
+    def _collect_again(self, dropped):
         first, first_members = self.results, self.aws.collected
         again = {m.account_id for m in dropped}
         self.aws.only = {a for a in again if a is not None}

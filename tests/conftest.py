@@ -6,8 +6,11 @@ import socket
 import sys
 import threading
 import time
+import types
 import uuid
 
+import botocore.credentials
+import botocore.tokens
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,3 +248,41 @@ def our_threads_left(grace):
     while alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     return alive()
+
+
+def reachable(root, secrets):
+    """What of credentials is reachable from `root`: objects' attributes,
+    containers, closures and bound methods (not module globals)."""
+    found, seen, stack = [], set(), [('shared', root)]
+    while stack and len(seen) < 2000000:
+        path, obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str):
+            if any(secret in obj for secret in secrets):
+                found.append(f'{path}: a secret')
+            continue
+        if isinstance(obj, (int, float, bytes, type(None), type, types.ModuleType)):
+            continue
+        if isinstance(obj, (botocore.credentials.Credentials, botocore.tokens.DeferredRefreshableToken,
+                            botocore.tokens.FrozenAuthToken)):
+            found.append(f'{path}: {type(obj).__name__}')
+            continue
+        if isinstance(obj, dict):
+            stack.extend((f'{path}[{str(k)[:30]}]', v) for k, v in obj.items())
+            stack.extend((f'{path} key', k) for k in obj if not isinstance(k, str))
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend((f'{path}[{i}]', v) for i, v in enumerate(obj))
+        elif isinstance(obj, types.FunctionType):
+            stack.extend((f'{path}.<closure>', c.cell_contents) for c in obj.__closure__ or ()
+                         if c.cell_contents is not None)
+        elif isinstance(obj, types.MethodType):
+            stack.append((f'{path}.__self__', obj.__self__))
+        else:
+            attributes = dict(getattr(obj, '__dict__', None) or {})
+            for name in getattr(type(obj), '__slots__', ()):
+                if hasattr(obj, name):
+                    attributes[name] = getattr(obj, name)
+            stack.extend((f'{path}.{k}', v) for k, v in attributes.items())
+    return found

@@ -7,7 +7,6 @@ with the run that took it."""
 import threading
 import time
 
-import botocore.credentials
 import botocore.session
 import botocore.tokens
 import pytest
@@ -16,7 +15,7 @@ import integration_aws_auth as auth
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 import integration_local.cli as local_cli
-from conftest import account_of, our_threads_left
+from conftest import account_of, our_threads_left, reachable
 from servers import FaultProxy
 
 REGIONS = ['us-east-1', 'us-west-2']
@@ -140,45 +139,6 @@ def test_cloudwatch_runs_take_the_clients_of_the_last_run(aws, user, sink, monke
     for _ in range(2):
         core.Runner(cw.DataCollector(account_of(user), {'regions': REGIONS}), force=True).run()
     assert len(made) == 2
-
-
-def reachable(root, secrets):
-    """What of credentials is reachable from `root`: objects' attributes,
-    containers, closures and bound methods (not module globals)."""
-    import types
-    found, seen, stack = [], set(), [('shared', root)]
-    while stack and len(seen) < 2000000:
-        path, obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, str):
-            if any(secret in obj for secret in secrets):
-                found.append(f'{path}: a secret')
-            continue
-        if isinstance(obj, (int, float, bytes, type(None), type, types.ModuleType)):
-            continue
-        if isinstance(obj, (botocore.credentials.Credentials, botocore.tokens.DeferredRefreshableToken,
-                            botocore.tokens.FrozenAuthToken)):
-            found.append(f'{path}: {type(obj).__name__}')
-            continue
-        if isinstance(obj, dict):
-            stack.extend((f'{path}[{str(k)[:30]}]', v) for k, v in obj.items())
-            stack.extend((f'{path} key', k) for k in obj if not isinstance(k, str))
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend((f'{path}[{i}]', v) for i, v in enumerate(obj))
-        elif isinstance(obj, types.FunctionType):
-            stack.extend((f'{path}.<closure>', c.cell_contents) for c in obj.__closure__ or ()
-                         if c.cell_contents is not None)
-        elif isinstance(obj, types.MethodType):
-            stack.append((f'{path}.__self__', obj.__self__))
-        else:
-            attributes = dict(getattr(obj, '__dict__', None) or {})
-            for name in getattr(type(obj), '__slots__', ()):
-                if hasattr(obj, name):
-                    attributes[name] = getattr(obj, name)
-            stack.extend((f'{path}.{k}', v) for k, v in attributes.items())
-    return found
 
 
 def test_what_the_process_keeps_holds_no_credentials(aws, user, estate, sink):

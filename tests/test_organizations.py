@@ -14,7 +14,7 @@ import integration_aws_auth as auth
 import integration_aws_cloudwatch__main as cw
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
-from conftest import account_of, our_threads_left, unique
+from conftest import account_of, our_threads_left, reachable, unique
 from integration_local.emulator import READ_POLICY
 from org_estate import ACCESS_DENIED, EXTERNAL_ID, ORG_POLICY, REGIONS, ROLE, member_creds
 
@@ -83,6 +83,55 @@ def test_a_second_run_makes_no_sts_call(aws, org, sink):
     core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
     assert auth.process_shared().data['loader'].search_paths == paths
     assert len(paths) == len(set(paths))
+
+
+def test_a_second_run_takes_the_member_sessions_of_the_first(aws, org, sink, monkeypatch):
+    """A member account's Session (3-4 ms of CPU to make, per account and
+    run) is made once per process: the next run of the same keys takes it
+    back with that run's credentials. While kept it holds none, and a
+    collector of other operations never takes it."""
+    members = org['members']
+    account = org_account(org, exclude_accounts=[members['without-role']['id']])
+    opened = {}
+    member_session = auth.member_session
+
+    def recording(management, account, member_id, **kwargs):
+        session = member_session(management, account, member_id, **kwargs)
+        opened[member_id] = (session, session.get_credentials().get_frozen_credentials())
+        return session
+    monkeypatch.setattr(auth, 'member_session', recording)
+
+    def run(collector=ec2.DataCollector):
+        opened.clear()
+        core.Runner(collector(account, {'regions': REGIONS}), force=True).run()
+        return dict(opened)
+    first = run()
+    assert sorted(first) == sorted([members['with-instances']['id'], members['external-id']['id'],
+                                    '123456789012'])     # the management account: it has the role
+    kept = [entry[1] for entry in auth.process_shared().data['kept_sessions.v1'].values()]
+    for session, _ in first.values():
+        assert any(session is other for other in kept)
+        assert session._session._credentials is None and session.integration_binding is None
+    secrets = [org['user']['ak_secret']] + [s for _, c in first.values() for s in (c.secret_key, c.token)]
+    assert reachable(auth.process_shared().data, secrets) == []
+    points = len(sink.points)
+    with aws.recording() as calls:
+        second = run()
+    assert all(second[member][0] is first[member][0] for member in first)
+    assert all(second[member][1].access_key == first[member][1].access_key for member in first)
+    assert len(sink.points) == 2 * points
+    assert {org['proxy'].issued.get(c['access_key'], 'not a member session').split(':')[4]
+            for c in calls if c['action'] == 'DescribeInstances'} == set(first)
+    metrics = run(cw.DataCollector)
+    assert sorted(metrics) == sorted(first)
+    assert not any(metrics[member][0] is first[member][0] for member in first)
+
+
+def test_kept_member_sessions_are_bounded(aws, org, sink, monkeypatch):
+    monkeypatch.setattr(auth, 'KEPT_SESSIONS', 1)
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assert len(auth.process_shared().data['kept_sessions.v1']) == 1
 
 
 def test_an_account_created_between_runs_is_picked_up(aws, org, sink, emulator):

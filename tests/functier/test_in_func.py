@@ -615,11 +615,16 @@ def test_an_organization_in_one_task_then_without_sts(modules, org, aws, datakit
     assert {t.get('AccountName') for t in points if t.get('AccountId') == wanted['id']} == {wanted['name']}
     assert first.threads_alive == [] and first.blocked_hosts == []
 
+    modules.publish('test__kept_sessions', KEPT_CODE.format(store='kept_sessions.v1'))
+    sessions = modules.run('test__kept_sessions.run').result
+    assert len(sessions) == 3, 'the first task kept the sessions of its three members'
     with aws.recording() as calls:
         second = modules.run('my_aws__organization.run')
     assert second.status == 'failure'            # the broken account, again, one line
     assert [c['action'] for c in calls if c['service'] == 'sts'] == [], \
         'the sessions of the members are kept in Func\'s Redis: no STS call'
+    assert modules.run('test__kept_sessions.run').result == sessions, \
+        'the next task took the Session objects of the last, not new ones'
 
 
 def test_our_xml_parser_reads_as_funcs_botocore_does(func_worker):
@@ -637,14 +642,14 @@ def test_our_xml_parser_reads_as_funcs_botocore_does(func_worker):
     assert counts['ec2'] > 300 and min(counts.values()) > 10, counts
 
 
-KEPT_CLIENTS_CODE = '''import sys
+KEPT_CODE = '''import sys
 
 
-@DFF.API('kept clients')
+@DFF.API('kept clients or sessions')
 def run():
     shared = sys.modules.get('_integration_aws_shared')
-    kept = shared.data.get('kept_clients.v1', {}) if shared is not None else {}
-    return sorted(id(client) for _, client in kept.values())
+    kept = shared.data.get('{store}', {{}}) if shared is not None else {{}}
+    return sorted(id(value) for _, value in kept.values())
 '''
 
 
@@ -653,7 +658,7 @@ def test_the_next_task_takes_the_clients_of_the_last(modules, seed_estate, aws, 
     kept are still the next task's (the same code), not made anew."""
     point_worker_at(modules, aws)
     func_id = publish_startup(modules, '1_iam_user.py', seed_estate)
-    modules.publish('test__kept_clients', KEPT_CLIENTS_CODE)
+    modules.publish('test__kept_clients', KEPT_CODE.format(store='kept_clients.v1'))
     modules.set_env('INTEGRATION_FORCE', '1')
     assert_success(modules.run(func_id))
     first = modules.run('test__kept_clients.run').result
