@@ -1354,16 +1354,19 @@ def _private_dir(path, origin, shared):
                       f'planted there would be trusted and sent to DataKit; {fix}')
 
 
-def atomic_write(path, text):
-    """Write-then-rename with fsync: a kill leaves the old file or the new one."""
+def atomic_write(path, text, durable=True):
+    """Write-then-rename: a kill leaves the old file or the new one. `durable`:
+    synced to the disk before the rename, so that a power loss leaves one of
+    them too (points spooled: a few ms per file)."""
     directory = os.path.dirname(path)
     _makedirs(directory)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-')
     try:
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     finally:

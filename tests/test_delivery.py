@@ -589,3 +589,19 @@ def test_a_configured_state_dir_others_can_write_is_refused(monkeypatch, tmp_pat
     assert 'has mode 0777: other users can write to it' in str(info.value)
     os.chmod(folder, 0o750)              # readable by the group is fine: not writable
     assert core.state_dir() == str(folder)
+
+
+def test_spooled_points_are_synced_to_the_disk_cache_entries_are_not(monkeypatch, tmp_path):
+    """Points that DataKit did not take survive a power loss (each spool file
+    is synced before its rename); the local DFF.CACHE, like Func's Redis, is
+    not synced at each write: a lost entry is a cache miss."""
+    import integration_local.runtime as local_runtime
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.readlink(f'/proc/self/fd/{fd}')), fsync(fd)))
+    core.Delivery(connector('local', DOWN), 'datakit').write('metric', metric('s', 3))
+    assert [os.path.dirname(path) for path in synced] == [str(spool_dir(tmp_path))]
+    synced.clear()
+    cache = local_runtime.FileCache(str(tmp_path))
+    cache.set('skip-record', '{"started": 1}', expires=900)
+    assert synced == [] and cache.get('skip-record') == '{"started": 1}'
