@@ -312,10 +312,21 @@ def keep_member_sessions(sessions):
         key = getattr(session, 'integration_key', None)
         if key is None:
             continue
-        session._session._credentials = None
+        _forget_secrets(session._session)
         session.integration_binding = session.integration_forget = session.integration_key = None
         kept.append((key, session))
     _keep(_KEPT_SESSIONS, kept, KEPT_SESSIONS)
+
+
+def _forget_secrets(bs):
+    """What a botocore session holds of secrets, dropped: its credentials, its
+    SSO bearer token (every create_client loads it), and the profiles it read
+    from the config and credentials files (keys of the credentials file
+    included), read again when next needed."""
+    bs._credentials = None
+    bs._auth_token = None
+    bs._config = None
+    bs._profile_map = None
 
 
 def _boto3_session(bs, region):
@@ -1201,7 +1212,9 @@ def _endpoint_data():
             for partition in bs.get_available_partitions():
                 for name in bs.get_available_regions('ec2', partition):
                     regions[name] = partition
-            data['endpoint_session'] = bs
+            # Only its resolver is kept: the session read the user's config
+            # and credentials files (for its data path), secrets included.
+            data['endpoint_resolver'] = bs._get_internal_component('endpoint_resolver')
             data['regions'] = regions
         return data
 
@@ -1213,7 +1226,7 @@ def known_regions():
 
 def partition_of(region):
     data = _endpoint_data()
-    return data['regions'].get(region) or data['endpoint_session'].get_partition_for_region(region)
+    return data['regions'].get(region) or data['endpoint_resolver'].get_partition_for_region(region)
 
 
 def check_regions(regions, where):

@@ -3,6 +3,7 @@ enforcement on, an Organization of a management account and three members
 (one without the role, one with instances in two regions, one whose role
 requires an ExternalId), and a proxy doing what moto leaves out: a role in
 another account must exist and trust the caller's ExternalId."""
+import collections
 import datetime
 import json
 import re
@@ -108,7 +109,7 @@ def test_a_second_run_takes_the_member_sessions_of_the_first(aws, org, sink, mon
     first = run()
     assert sorted(first) == sorted([members['with-instances']['id'], members['external-id']['id'],
                                     '123456789012'])     # the management account: it has the role
-    kept = [entry[1] for entry in auth.process_shared().data['kept_sessions.v1'].values()]
+    kept = [entry[1] for entry in kept_sessions().values()]
     for session, _ in first.values():
         assert any(session is other for other in kept)
         assert session._session._credentials is None and session.integration_binding is None
@@ -127,11 +128,103 @@ def test_a_second_run_takes_the_member_sessions_of_the_first(aws, org, sink, mon
     assert not any(metrics[member][0] is first[member][0] for member in first)
 
 
-def test_kept_member_sessions_are_bounded(aws, org, sink, monkeypatch):
+def kept_sessions():
+    return auth.process_shared().data.setdefault('kept_sessions.v1', collections.OrderedDict())
+
+
+@pytest.fixture
+def no_kept_sessions():
+    """The process's kept member sessions, those of earlier tests left out."""
+    kept_sessions().clear()
+
+
+def test_kept_member_sessions_are_bounded_the_latest_kept(aws, org, sink, monkeypatch, no_kept_sessions):
     monkeypatch.setattr(auth, 'KEPT_SESSIONS', 1)
     account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+    opened = {}
+    member_session = auth.member_session
+
+    def recording(management, account, member_id, **kwargs):
+        opened[member_id] = member_session(management, account, member_id, **kwargs)
+        return opened[member_id]
+    monkeypatch.setattr(auth, 'member_session', recording)
     core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
-    assert len(auth.process_shared().data['kept_sessions.v1']) == 1
+    # Given back in the accounts' order, the oldest dropped first.
+    (_, last), = kept_sessions().values()
+    assert len(opened) == 3 and last is opened[max(opened)]
+
+
+def test_a_kept_member_session_is_taken_by_its_own_member_base_collector_and_sdk(
+        aws, org, monkeypatch, no_kept_sessions):
+    """The key of a kept session: the member, the management credentials'
+    source, the collector's operations and timestamps, the SDK's settings.
+    A taken session is out of the store until given back."""
+    account = org_account(org)
+    management = auth.get_session(account, region=REGIONS[0])
+    member = org['members']['with-instances']['id']
+
+    def take(base=management, member_id=member, **options):
+        options = dict({'operations': ec2.OPERATIONS, 'text_timestamps': True}, **options)
+        return auth.member_session(base, account, member_id, **options)
+    kept = take()
+    auth.keep_member_sessions([kept])
+    again = take()
+    assert again is kept and kept_sessions() == {}
+    assert take() is not kept, 'a session in use was taken again'
+    assert again.get_credentials() is not None and again.integration_binding.key[:2] == ('member', member)
+
+    other_keys = auth.get_session(account, region=REGIONS[0])
+    other_keys.integration_binding = auth._Binding(
+        ('keys', 'AKIAOTHERMANAGEMENT0', 'a digest'), management.integration_binding.seal_keys, None, False)
+    different = {
+        'another member': lambda: take(member_id=org['members']['external-id']['id']),
+        'other management keys': lambda: take(other_keys),
+        'other operations': lambda: take(operations=None),
+        'datetimes': lambda: take(text_timestamps=False),
+        'another SDK setting': lambda: monkeypatch.setenv('AWS_MAX_ATTEMPTS', '7') or take(),
+    }
+    for what, make in different.items():
+        kept = take()
+        auth.keep_member_sessions([kept])
+        assert make() is not kept, what
+        assert [session for _, session in kept_sessions().values()] == [kept], \
+            f'{what}: the kept session was taken'
+        kept_sessions().clear()
+
+
+def test_kept_member_sessions_hold_no_secret_of_the_sdks_files(aws, org, sink, monkeypatch, tmp_path,
+                                                             no_kept_sessions):
+    """The management keys from the credentials file (the default chain) and
+    an SSO profile's bearer token: a member session reads both (every client
+    it makes loads the token); kept, it holds neither, and the next run's
+    sessions read them again. Nor do the region tables, made by a session
+    that read the same files."""
+    import hashlib
+    import botocore.tokens
+    credentials = tmp_path / 'credentials'
+    credentials.write_text(f"[default]\naws_access_key_id = {org['user']['ak_id']}\n"
+                           f"aws_secret_access_key = {org['user']['ak_secret']}\n")
+    cache = tmp_path / 'sso-cache'
+    cache.mkdir()
+    config = tmp_path / 'config'
+    config.write_text('[default]\nsso_session = corp\n\n[sso-session corp]\nsso_region = us-east-1\n'
+                      'sso_start_url = https://example.awsapps.com/start\n')
+    (cache / (hashlib.sha1(b'corp').hexdigest() + '.json')).write_text(json.dumps({
+        'accessToken': 'sso-bearer-not-real', 'expiresAt': '2999-01-01T00:00:00Z',
+        'region': 'us-east-1', 'startUrl': 'https://example.awsapps.com/start'}))
+    monkeypatch.setattr(botocore.tokens.SSOTokenProvider, '_SSO_TOKEN_CACHE_DIR', str(cache))
+    monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', str(credentials))
+    monkeypatch.setenv('AWS_CONFIG_FILE', str(config))
+    account = {'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID,
+               'exclude_accounts': [org['members']['without-role']['id']]}
+    # The region tables, made again under these files: they are kept too.
+    auth.process_shared().data.pop('regions', None)
+    for _ in range(2):
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+        assert len(kept_sessions()) == 3
+        assert reachable(auth.process_shared().data, [org['user']['ak_secret'], 'sso-bearer-not-real']) == []
+    assert {p['tags']['AccountId'] for _, p in sink.points} >= {
+        org['members']['with-instances']['id'], org['members']['external-id']['id']}
 
 
 def test_an_account_created_between_runs_is_picked_up(aws, org, sink, emulator):
