@@ -286,3 +286,23 @@ def reachable(root, secrets):
                     attributes[name] = getattr(obj, name)
             stack.extend((f'{path}.{k}', v) for k, v in attributes.items())
     return found
+
+
+SSO_TOKEN = 'sso-bearer-not-real'
+
+
+def sso_profile(tmp_path, monkeypatch):
+    """AWS_CONFIG_FILE whose default profile has an SSO session, its bearer
+    token (SSO_TOKEN) in the SSO cache: every client botocore makes loads it."""
+    import hashlib
+    import json
+    cache = tmp_path / '.aws' / 'sso' / 'cache'
+    cache.mkdir(parents=True)
+    config = tmp_path / '.aws' / 'config'
+    config.write_text('[default]\nsso_session = corp\n\n[sso-session corp]\nsso_region = us-east-1\n'
+                      'sso_start_url = https://example.awsapps.com/start\n')
+    (cache / (hashlib.sha1(b'corp').hexdigest() + '.json')).write_text(json.dumps({
+        'accessToken': SSO_TOKEN, 'expiresAt': '2999-01-01T00:00:00Z',
+        'region': 'us-east-1', 'startUrl': 'https://example.awsapps.com/start'}))
+    monkeypatch.setattr(botocore.tokens.SSOTokenProvider, '_SSO_TOKEN_CACHE_DIR', str(cache))
+    monkeypatch.setenv('AWS_CONFIG_FILE', str(config))

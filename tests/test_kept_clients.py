@@ -15,7 +15,7 @@ import integration_aws_auth as auth
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
 import integration_local.cli as local_cli
-from conftest import account_of, our_threads_left, reachable
+from conftest import SSO_TOKEN, account_of, our_threads_left, reachable, sso_profile
 from servers import FaultProxy
 
 REGIONS = ['us-east-1', 'us-west-2']
@@ -158,27 +158,16 @@ def test_what_the_process_keeps_holds_no_credentials(aws, user, estate, sink):
 def test_a_kept_client_holds_no_sso_token(aws, user, estate, sink, monkeypatch, tmp_path):
     """A profile with sso_session gives every client an SSO bearer token: a
     kept client holds none, and the run that takes it gives it its own."""
-    import hashlib
-    import json as json_
-    cache = tmp_path / '.aws' / 'sso' / 'cache'
-    cache.mkdir(parents=True)
-    config = tmp_path / '.aws' / 'config'
-    config.write_text('[default]\nsso_session = corp\n\n[sso-session corp]\nsso_region = us-east-1\n'
-                      'sso_start_url = https://example.awsapps.com/start\n')
-    (cache / (hashlib.sha1(b'corp').hexdigest() + '.json')).write_text(json_.dumps({
-        'accessToken': 'sso-bearer-not-real', 'expiresAt': '2999-01-01T00:00:00Z',
-        'region': 'us-east-1', 'startUrl': 'https://example.awsapps.com/start'}))
-    monkeypatch.setattr(botocore.tokens.SSOTokenProvider, '_SSO_TOKEN_CACHE_DIR', str(cache))
-    monkeypatch.setenv('AWS_CONFIG_FILE', str(config))
+    sso_profile(tmp_path, monkeypatch)
     monkeypatch.setenv('AWS_ACCESS_KEY_ID', user['ak_id'])
     monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', user['ak_secret'])
     collect({})                         # the default chain: the keys of the environment
     ours = [client for _, client in kept().values() if client.meta.region_name in REGIONS]
     assert ours and all(c._request_signer._auth_token is None for c in ours)
-    assert reachable(auth.process_shared().data, [user['ak_secret'], 'sso-bearer-not-real']) == []
+    assert reachable(auth.process_shared().data, [user['ak_secret'], SSO_TOKEN]) == []
     taken = auth.take_client(auth.get_session({}, region=REGIONS[0]), 'ec2', REGIONS[0],
                              auth.client_config({}, 'integration_aws_ec2'))
-    assert taken._request_signer._auth_token.get_frozen_token().token == 'sso-bearer-not-real'
+    assert taken._request_signer._auth_token.get_frozen_token().token == SSO_TOKEN
 
 
 def test_a_changed_config_file_gets_new_clients(aws, user, estate, sink, made, monkeypatch, tmp_path):

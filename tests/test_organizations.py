@@ -15,7 +15,7 @@ import integration_aws_auth as auth
 import integration_aws_cloudwatch__main as cw
 import integration_aws_ec2__main as ec2
 import integration_core__runner as core
-from conftest import account_of, our_threads_left, reachable, unique
+from conftest import SSO_TOKEN, account_of, our_threads_left, reachable, sso_profile, unique
 from integration_local.emulator import READ_POLICY
 from org_estate import ACCESS_DENIED, EXTERNAL_ID, ORG_POLICY, REGIONS, ROLE, member_creds
 
@@ -199,22 +199,11 @@ def test_kept_member_sessions_hold_no_secret_of_the_sdks_files(aws, org, sink, m
     it makes loads the token); kept, it holds neither, and the next run's
     sessions read them again. Nor do the region tables, made by a session
     that read the same files."""
-    import hashlib
-    import botocore.tokens
     credentials = tmp_path / 'credentials'
     credentials.write_text(f"[default]\naws_access_key_id = {org['user']['ak_id']}\n"
                            f"aws_secret_access_key = {org['user']['ak_secret']}\n")
-    cache = tmp_path / 'sso-cache'
-    cache.mkdir()
-    config = tmp_path / 'config'
-    config.write_text('[default]\nsso_session = corp\n\n[sso-session corp]\nsso_region = us-east-1\n'
-                      'sso_start_url = https://example.awsapps.com/start\n')
-    (cache / (hashlib.sha1(b'corp').hexdigest() + '.json')).write_text(json.dumps({
-        'accessToken': 'sso-bearer-not-real', 'expiresAt': '2999-01-01T00:00:00Z',
-        'region': 'us-east-1', 'startUrl': 'https://example.awsapps.com/start'}))
-    monkeypatch.setattr(botocore.tokens.SSOTokenProvider, '_SSO_TOKEN_CACHE_DIR', str(cache))
     monkeypatch.setenv('AWS_SHARED_CREDENTIALS_FILE', str(credentials))
-    monkeypatch.setenv('AWS_CONFIG_FILE', str(config))
+    sso_profile(tmp_path, monkeypatch)
     account = {'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID,
                'exclude_accounts': [org['members']['without-role']['id']]}
     # The region tables, made again under these files: they are kept too.
@@ -222,7 +211,7 @@ def test_kept_member_sessions_hold_no_secret_of_the_sdks_files(aws, org, sink, m
     for _ in range(2):
         core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
         assert len(kept_sessions()) == 3
-        assert reachable(auth.process_shared().data, [org['user']['ak_secret'], 'sso-bearer-not-real']) == []
+        assert reachable(auth.process_shared().data, [org['user']['ak_secret'], SSO_TOKEN]) == []
     assert {p['tags']['AccountId'] for _, p in sink.points} >= {
         org['members']['with-instances']['id'], org['members']['external-id']['id']}
 
