@@ -271,7 +271,7 @@ def member_session(management, account, member_id, cache=None, clock=None, watch
 
     The Session object is the one the last run of the same member and base
     gave back (keep_member_sessions), when there is one: making one costs
-    3-4 ms of CPU (botocore's handlers copied, its config chain built, boto3's
+    1-3 ms of CPU (botocore's handlers copied, its config chain built, boto3's
     handlers registered), per member account and run."""
     region = management.region_name
     partition = partition_of(region)
@@ -665,7 +665,7 @@ def process_shared():
 KEPT_CLIENTS = 256
 KEPT_CLIENT_IDLE = 3600
 # And the sessions of an Organization's member accounts (member_session),
-# about 120 KiB each, with the same idle limit.
+# about 130 KiB each, with the same idle limit.
 KEPT_SESSIONS = 256
 _KEPT_CLIENTS, _KEPT_SESSIONS = 'kept_clients.v1', 'kept_sessions.v1'
 _PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'no_proxy', 'all_proxy')
@@ -1204,7 +1204,11 @@ def _endpoint_data():
     shared = process_shared()
     with shared.lock:
         data = shared.data
-        if 'regions' not in data:
+        # A worker that ran the version before has its tables with the whole
+        # session that made them (holding the credentials file's keys): made
+        # again, and that session dropped.
+        if 'endpoint_resolver' not in data or 'regions' not in data:
+            data.pop('endpoint_session', None)
             bs = botocore.session.Session()   # not new_botocore_session(): it takes this lock
             bs.register_component('data_loader', data.setdefault(
                 'loader', bs.get_component('data_loader')))

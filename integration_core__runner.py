@@ -932,10 +932,14 @@ class Spool:
             renamed = f'{ns}-{slot}-{run}-{len(lines)}-{name.rsplit("-", 1)[1]}'
             with contextlib.suppress(OSError):
                 os.rename(path, os.path.join(self.dir, renamed))
+                sync_folder(self.dir)
 
     def remove(self, name):
+        """A batch DataKit took: gone for good, also after a power loss (it
+        would be sent again)."""
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.dir, name))
+            sync_folder(self.dir)
 
     def dead_letter(self, category, records, error, now=None):
         now = time.time() if now is None else now
@@ -1356,8 +1360,9 @@ def _private_dir(path, origin, shared):
 
 def atomic_write(path, text, durable=True):
     """Write-then-rename: a kill leaves the old file or the new one. `durable`:
-    synced to the disk before the rename, so that a power loss leaves one of
-    them too (points spooled: a few ms per file)."""
+    the file synced to the disk before the rename and its folder after it,
+    so that a power loss leaves one of them too (points spooled: a few ms a
+    file)."""
     directory = os.path.dirname(path)
     _makedirs(directory)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-')
@@ -1373,7 +1378,24 @@ def atomic_write(path, text, durable=True):
         # Any exit before the rename, a Func timeout included, leaves no temp file.
         with contextlib.suppress(OSError):
             os.remove(tmp)
+    if durable:
+        sync_folder(directory)
     return path
+
+
+def sync_folder(directory):
+    """A rename or removal in `directory` made durable (where the file system
+    allows a folder to be synced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(path, age=3600):

@@ -447,6 +447,27 @@ def test_sts_endpoint_variable_is_honoured(emulator, user, monkeypatch):
     assert auth.describe_identity(session, account_of(user))['arn'] == user['arn']
 
 
+def test_the_region_tables_of_the_version_before_are_made_again_without_its_session():
+    """A Func worker keeps the region tables for its life; the version before
+    kept the whole botocore session that made them, with what it read of the
+    credentials file. The new version makes them again and drops that session,
+    and a region the tables do not list still gets its partition."""
+    import botocore.session
+    data = auth.process_shared().data
+    saved = {key: data.pop(key) for key in ('regions', 'endpoint_resolver', 'endpoint_session')
+             if key in data}
+    try:
+        data['regions'] = {'us-east-1': 'aws'}
+        data['endpoint_session'] = botocore.session.Session()
+        assert auth.partition_of('ap-east-9') == 'aws'
+        assert auth.partition_of('cn-north-9') == 'aws-cn'
+        assert 'endpoint_session' not in data and data['regions']['eu-west-1'] == 'aws'
+    finally:
+        for key in ('regions', 'endpoint_resolver', 'endpoint_session'):
+            data.pop(key, None)
+        data.update(saved)
+
+
 def test_regions_of_two_partitions_are_a_config_error():
     account = {'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'fake-secret-value-0000'}
     with pytest.raises(auth.AccountConfigError) as info:

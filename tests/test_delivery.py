@@ -591,16 +591,22 @@ def test_a_configured_state_dir_others_can_write_is_refused(monkeypatch, tmp_pat
     assert core.state_dir() == str(folder)
 
 
-def test_spooled_points_are_synced_to_the_disk_cache_entries_are_not(monkeypatch, tmp_path):
+def test_spooled_points_are_synced_to_the_disk_cache_entries_are_not(monkeypatch, tmp_path, receiver):
     """Points that DataKit did not take survive a power loss (each spool file
-    is synced before its rename); the local DFF.CACHE, like Func's Redis, is
-    not synced at each write: a lost entry is a cache miss."""
+    is synced before its rename, and its folder after it); the local
+    DFF.CACHE, like Func's Redis, is not synced at each write."""
     import integration_local.runtime as local_runtime
     synced = []
     fsync = os.fsync
     monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.readlink(f'/proc/self/fd/{fd}')), fsync(fd)))
     core.Delivery(connector('local', DOWN), 'datakit').write('metric', metric('s', 3))
-    assert [os.path.dirname(path) for path in synced] == [str(spool_dir(tmp_path))]
+    # The batch's file, then its folder (the rename).
+    assert [os.path.dirname(synced[0]), synced[1]] == [str(spool_dir(tmp_path))] * 2 and len(synced) == 2
+    synced.clear()
+    # Sent: its removal is synced too (a batch back after a power loss would be sent twice).
+    core.Delivery(connector('local', receiver.url), 'datakit').resend_spool()
+    assert files(spool_dir(tmp_path)) == [] and len(receiver.lines) == 3
+    assert synced == [str(spool_dir(tmp_path))]
     synced.clear()
     cache = local_runtime.FileCache(str(tmp_path))
     cache.set('skip-record', '{"started": 1}', expires=900)
