@@ -175,7 +175,7 @@ def test_a_kept_member_session_is_taken_by_its_own_member_base_collector_and_sdk
 
     other_keys = auth.get_session(account, region=REGIONS[0])
     other_keys.integration_binding = auth._Binding(
-        ('keys', 'AKIAOTHERMANAGEMENT0', 'a digest'), management.integration_binding.seal_keys, None, False)
+        ('keys', 'other-management-key-id', 'a digest'), management.integration_binding.seal_keys, None, False)
     different = {
         'another member': lambda: take(member_id=org['members']['external-id']['id']),
         'other management keys': lambda: take(other_keys),
