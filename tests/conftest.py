@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import types
+import gc
 import uuid
 
 import botocore.credentials
@@ -263,7 +264,11 @@ def reachable(root, secrets):
             if any(secret in obj for secret in secrets):
                 found.append(f'{path}: a secret')
             continue
-        if isinstance(obj, (int, float, bytes, type(None), type, types.ModuleType)):
+        if isinstance(obj, (bytes, bytearray)):
+            if any(secret.encode() in obj for secret in secrets):
+                found.append(f'{path}: a secret (bytes)')
+            continue
+        if obj is os.environ or isinstance(obj, (int, float, type(None), type, types.ModuleType)):
             continue
         if isinstance(obj, (botocore.credentials.Credentials, botocore.tokens.DeferredRefreshableToken,
                             botocore.tokens.FrozenAuthToken)):
@@ -285,6 +290,8 @@ def reachable(root, secrets):
                 if hasattr(obj, name):
                     attributes[name] = getattr(obj, name)
             stack.extend((f'{path}.{k}', v) for k, v in attributes.items())
+            if not attributes:
+                stack.extend((f'{path}.<{type(obj).__name__}>', r) for r in gc.get_referents(obj))
     return found
 
 

@@ -50,7 +50,8 @@ BAD = [
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metric': ['CPU*']}]},
      "collector_configs['targets'][0]['metric'] is not a known key; did you mean 'metrics'?"),
     ({'regions': ['us-east-1'], 'targets': [{'metrics': ['CPU*']}]},
-     "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace"),
+     "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace such as 'AWS/EC2' "
+     "(got None)"),
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metrics': 'CPU*'}]},
      "collector_configs['targets'][0]['metrics'] must be 'ALL' or a non-empty list"),
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS/EC2', 'metrics': ['NOT']}]},
@@ -79,7 +80,8 @@ BAD = [
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'aws/ec2'}]},
      "collector_configs['targets'][0]['namespace'] 'aws/ec2' matches no metric: CloudWatch namespaces are case-sensitive; did you mean 'AWS/EC2'?"),
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS\uff0fEC2'}]},
-     "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace"),
+     "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace such as 'AWS/EC2' "
+     "(got 'AWS\uff0fEC2')"),
 ]
 
 

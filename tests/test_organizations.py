@@ -349,9 +349,9 @@ BAD = [
     # Full-width digits (an input method's): AWS's ids are ASCII. Excluded,
     # such an id would quietly exclude nothing.
     ({'member_role_name': 'r', 'member_accounts': ['１１１１２２２２３３３３']},
-     "account['member_accounts'][0] must be a 12-digit account id in quotes, e.g. '111122223333', digits 0-9 only"),
+     "account['member_accounts'][0] must be a 12-digit account id in quotes, e.g. '111122223333', digits 0-9 only (got １１１１２２２２３３３３)"),
     ({'member_role_name': 'r', 'exclude_accounts': ['１１１１２２２２３３３３']},
-     "account['exclude_accounts'][0] must be a 12-digit account id"),
+     "account['exclude_accounts'][0] must be a 12-digit account id in quotes, e.g. '111122223333', digits 0-9 only (got １１１１２２２２３３３３)"),
     ({'member_role_name': 'réader'}, "account['member_role_name'] must be a role name (1-64 characters of ASCII letters"),
     # Blank, the role name would quietly collect the one account.
     ({'member_role_name': ''}, "account['member_role_name'] is empty: name the role to assume in every member account"),

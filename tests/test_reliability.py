@@ -1,3 +1,4 @@
+import unicodedata
 """Hostile input, faults and secrets: nothing lost, nothing leaked, every
 mistake answered in one clear line."""
 import glob
@@ -92,8 +93,9 @@ def test_bad_input(aws, tmp_path, capsys, name, case):
     # spelt (with a space or line break inside, full-width digits).
     account = case.get('account')
     own = [account.get(key) for key in ('ak_secret', 'token_code')] if isinstance(account, dict) else []
-    for secret in SENTINELS + [part for value in own if isinstance(value, str)
-                               for part in value.split() if len(part) >= 5]:
+    parts = [part for value in own if isinstance(value, str) for part in value.split() if len(part) >= 5]
+    for secret in SENTINELS + parts + [form for part in parts for form in (
+            ascii(part)[1:-1], unicodedata.normalize('NFKC', part), json.dumps(part)[1:-1])]:
         assert secret not in out + err, secret
     assert calls == [], 'no AWS call may be made for bad input'
 
