@@ -2335,8 +2335,14 @@ def check_accounts(aws, config, service, probe, explain):
     stop = core.Cancellation()
     pool = core.Workers(4, 'check')
     try:
+        # The accounts' listing or the regions' lookup refused: its own row
+        # (a check is where a user looks for that), not a traceback.
+        what = 'accounts'
         members = aws.members(stop, pool, recheck=True)
+        what = 'regions'
         regions = aws.resolve_regions(config)
+    except AuthError as e:
+        return [{'region': what, 'ok': False, 'reason': str(e)}]
     finally:
         stop.cancel()
         pool.stop(core.STOP_GRACE)

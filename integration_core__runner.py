@@ -336,7 +336,12 @@ class Runner:
             except Exception as e:
                 rows.append((number, 'identity', 'FAIL', _one_line(e)))
                 continue
-            for probe in collector.check():
+            try:
+                probes = collector.check()
+            except Exception as e:      # one row, as for the identity: never a traceback
+                rows.append((number, 'check', 'FAIL', _one_line(e)))
+                continue
+            for probe in probes:
                 rows.append((number, probe['region'], 'OK' if probe['ok'] else 'FAIL', probe['reason']))
         _RUNTIME.setdefault('check_rows', []).extend(rows)
         width = max(len(r[1]) for r in rows)

@@ -486,6 +486,22 @@ def test_keys_that_may_not_list_the_organization_are_one_line_saying_what_to_do(
     assert sink.points == []
 
 
+
+def test_check_with_keys_that_may_not_list_the_organization_is_a_row_not_a_traceback(
+        aws, org, monkeypatch, capsys):
+    from integration_local.emulator import USER_POLICY
+    user = aws.make_user(unique('nolist'), 'aws', policy=USER_POLICY)
+    account = account_of(user, member_role_name=ROLE, member_external_id=EXTERNAL_ID)
+    monkeypatch.setitem(core._RUNTIME, 'mode', 'check')
+    result = core.Runner(ec2.DataCollector(account, {'regions': REGIONS})).run()
+    out = capsys.readouterr().out
+    assert not result['ok'] and 'Traceback' not in out
+    rows = [line.split(None, 3) for line in out.splitlines()]
+    assert [r[:3] for r in rows] == [['#1', 'identity', 'OK'], ['#1', 'accounts', 'FAIL']], out
+    assert rows[1][3].startswith('organizations:ListAccounts: AccessDenied')
+    assert "list the accounts in account['member_accounts']" in rows[1][3]
+
+
 # --------------------------------------------------------------------------
 # Accounts started a ListAccounts page at a time (reviewed)
 # --------------------------------------------------------------------------
