@@ -188,6 +188,11 @@ VERIFIED_SUFFIX = ':verified'
 # often; between, runs skip it with the line AWS gave, and ask STS nothing.
 MANAGEMENT_ROLE_RECHECK = 3600
 MANAGEMENT_ROLE_KEY_PREFIX = 'integration_aws_auth:management-role:'
+# Which account is the Organization's management account (it never changes):
+# asked of organizations:DescribeOrganization when a member role is refused,
+# then kept this long.
+MANAGEMENT_ID_TTL = 86400
+MANAGEMENT_ID_KEY_PREFIX = 'integration_aws_auth:management-account:'
 SESSION_FIELDS = ('access_key', 'secret_key', 'token', 'expiry_time', 'issued')
 
 # The STS region of each partition when the account names no region.
@@ -1914,6 +1919,7 @@ class CollectorAccount:
         self._session = None
         self._identity = None
         self._pending_identity = None
+        self._management_id = None  # the Organization's management account, once asked
         self.clients = []           # of take_client, for keep_clients at the run's end
         self._identity_lock = threading.Lock()
         self.fresh = None           # the Runner's skip rule (use_freshness)
@@ -2096,9 +2102,13 @@ class CollectorAccount:
         except AuthError:
             self.identity()     # keys AWS refuses: the identity call's line says so
             raise
-        management = self.identity()
+        self.identity()     # the keys' own failure first
+
+        def is_management(account_id):
+            return not listed and account_id == self._management_account_id(cancellation)
+
         for member in skipped_as_refused:
-            if member.account_id != management['account_id']:
+            if not is_management(member.account_id):
                 # Only the management account's refusal is kept: a record
                 # naming another account counts as absent.
                 LOG.warning("[AWS auth] ignoring a kept refusal of the member role that names "
@@ -2110,11 +2120,11 @@ class CollectorAccount:
         for member, opened in opening:
             outcome = opened.exception()
             if outcome is None:
-                if recheck and member.account_id == management['account_id'] and not listed:
+                if recheck and is_management(member.account_id):
                     self._forget_refusal()      # check found the role there: runs ask again now
                 continue
             line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
-            if member.account_id == management['account_id'] and not listed:
+            if is_management(member.account_id):
                 # The management account is included only when the role exists there.
                 member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
                 if getattr(outcome, 'code', None) == 'AccessDenied':
@@ -2124,6 +2134,43 @@ class CollectorAccount:
         out.sort(key=lambda m: m.account_id)
         self.collected = out
         return out
+
+    def _management_account_id(self, cancellation):
+        """The Organization's management account, asked only when a member
+        role is refused there: organizations:DescribeOrganization, which any
+        account of an Organization may call (the credentials in use may be a
+        delegated administrator's, in a member account), kept for
+        MANAGEMENT_ID_TTL, sealed like the sessions. Where it cannot be asked
+        (no permission): the account of the credentials in use."""
+        if self._management_id is not None:
+            return self._management_id
+        cache, binding = self._cache(), self.session().integration_binding
+        key = MANAGEMENT_ID_KEY_PREFIX + _hash(binding.key, self.partition)
+        what = "the Organization's management account"
+        record, sealed = _read_sealed(cache, key, binding.seal_keys, what)
+        record = _checked_record(cache, key, record if sealed else {},
+                                 lambda r: bool(ACCOUNT_ID_RE.match(r['account_id'])), what)
+        if record is not None:
+            self._management_id = record['account_id']
+            return self._management_id
+        session = self.session()
+        client = cancellation.watch(session.client('organizations', region_name=session.region_name))
+        try:
+            answer = client.describe_organization()['Organization']['MasterAccountId']
+            ttl = MANAGEMENT_ID_TTL
+        except (ClientError, BotoCoreError, KeyError, TypeError) as e:
+            LOG.debug('[%s] organizations:DescribeOrganization: %s; the management account is '
+                      'taken to be the one of the credentials in use', self.label, core.first_line(e))
+            answer = None
+        if not isinstance(answer, str) or not ACCOUNT_ID_RE.match(answer):
+            # Asked again within the hour, as the management account's refusal.
+            answer, ttl = self.identity()['account_id'], MANAGEMENT_ROLE_RECHECK
+        self._management_id = answer
+        try:
+            cache.set(key, _seal(binding.seal_keys, json.dumps({'account_id': answer})), expire=ttl)
+        except Exception as e:      # a broken cache costs this call again next time
+            LOG.warning("[AWS auth] cannot keep the Organization's management account: %s", type(e).__name__)
+        return answer
 
     def _refusal_key(self):
         """Bound to the management keys (as its sessions are: no secret in

@@ -152,7 +152,9 @@ class FaultProxy(_Server):
                            'access_key': key.group(1) if key else None,
                            'region': scope.group(1) if scope else None,
                            'service': scope.group(2) if scope else None,
-                           'action': params.get('Action')}
+                           # Query protocols: the body's Action; JSON ones: X-Amz-Target's.
+                           'action': params.get('Action') or (
+                               self.headers.get('X-Amz-Target') or '').rpartition('.')[2] or None}
                 with outer.lock:
                     outer.seen.append(request)
                     fault = outer.rule(request)

@@ -502,6 +502,63 @@ def test_check_with_keys_that_may_not_list_the_organization_is_a_row_not_a_trace
     assert "list the accounts in account['member_accounts']" in rows[1][3]
 
 
+
+def test_from_a_delegated_administrator_the_management_account_is_the_organizations(
+        aws, org, sink, caplog):
+    """The credentials in use are a role in a member account (a delegated
+    administrator): the account whose refused role is skipped as the
+    management account's is DescribeOrganization's, not the caller's own."""
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    delegated = members['with-instances']['id']
+    aws.enforce(False)
+    try:
+        iam = aws.client('iam', 'us-east-1', member_creds(aws, delegated))
+        admin_role = iam.create_role(RoleName=unique('delegated-admin'), AssumeRolePolicyDocument=json.dumps({
+            'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Principal': {'AWS': org['user']['arn']},
+                                                    'Action': 'sts:AssumeRole'}]}))['Role']
+        iam.put_role_policy(RoleName=admin_role['RoleName'], PolicyName='p', PolicyDocument=json.dumps(ORG_POLICY))
+        listing = aws.client('organizations', 'us-east-1').list_accounts()['Accounts']
+    finally:
+        aws.enforce()
+    org['proxy'].roles[admin_role['Arn']] = None
+    refused = {f'arn:aws:iam::123456789012:role/{ROLE}', f'arn:aws:iam::{delegated}:role/{ROLE}'}
+    asked = []
+    judge = org['proxy'].rule
+
+    def rule(request):
+        # moto answers Organizations only to the management account: as AWS
+        # does to a delegated administrator, the proxy answers for it.
+        if org['proxy'].issued.get(request['access_key']) == admin_role['Arn']:
+            if request['action'] in ('ListAccounts', 'DescribeOrganization'):
+                asked.append(request['action'])
+                return ('status', 200, json.dumps(
+                    {'Accounts': [{k: a[k] for k in ('Id', 'Name', 'Status', 'Arn', 'Email')} for a in listing]}
+                    if request['action'] == 'ListAccounts' else
+                    {'Organization': {'Id': 'o-example', 'MasterAccountId': '123456789012'}}))
+            if (request['action'] == 'AssumeRole'
+                    and dict(urllib.parse.parse_qsl(request['body'].decode()))['RoleArn'] in refused):
+                return ('status', 403, ACCESS_DENIED.format(caller='the caller', role='the role'))
+        return judge(request)
+    org['proxy'].rule = rule
+    account = org_account(org, assume_role_arn=admin_role['Arn'],
+                          exclude_accounts=[members['without-role']['id']])
+    for run in (1, 2):
+        caplog.clear()
+        with pytest.raises(core.RunFailed) as failed:
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+        # The caller's own account is a member like any other: its refusal is a failure ...
+        assert f'1 account(s) failed: {delegated}' in str(failed.value)
+        lines = [r.getMessage() for r in caplog.records]
+        assert [line for line in lines if 'FAILED' in line and delegated in line]
+        # ... and the management account without the role one line, not a failure.
+        assert [line for line in lines if '123456789012' in line and 'skipped: the management account' in line]
+        assert not [line for line in lines if '123456789012' in line and 'FAILED' in line]
+        assert set(by_account(sink)) == {members['external-id']['id']}
+    # Asked once, then kept.
+    assert asked.count('DescribeOrganization') == 1
+
+
 # --------------------------------------------------------------------------
 # Accounts started a ListAccounts page at a time (reviewed)
 # --------------------------------------------------------------------------
