@@ -108,6 +108,8 @@ KNOWN_KEYS = (
 )
 ACCOUNT_LIST_KEYS = ('member_accounts', 'exclude_accounts')
 SECRET_KEYS = ('ak_secret', 'token_code')
+# The keys that only select an Organization's accounts (see freshness_key).
+SELECTION_KEYS = ('member_accounts', 'exclude_accounts')
 DEFAULT_ROLE_SESSION_NAME = 'Integration'
 
 # AWS's documented limits (aws-facts.md, "STS limits"). ASCII only: AWS's
@@ -463,6 +465,8 @@ def validate_account(account, where='account'):
     for key, value in account.items():
         if key == 'extra_tags':
             out[key] = _check_extra_tags(value, where)
+        elif key == 'exclude_accounts' and isinstance(value, (list, tuple)) and not value:
+            pass                # excludes nothing (a template's empty list)
         elif key in ACCOUNT_LIST_KEYS:
             out[key] = _check_account_ids(value, f'{where}[{key!r}]')
         elif key == 'duration_seconds':
@@ -529,7 +533,9 @@ def _check_combination(raw, acc, where):
     if 'serial_number' in acc and 'ak_id' not in acc:
         missing('serial_number', 'ak_id', 'MFA needs the IAM user\'s keys (ak_id and ak_secret) of the device\'s owner')
     if 'external_id' in acc and 'assume_role_arn' not in acc:
-        missing('external_id', 'assume_role_arn', 'add the role to assume, or remove this key')
+        missing('external_id', 'assume_role_arn', (
+            "the member roles' ExternalId is account['member_external_id']: rename the key; "
+            if 'member_role_name' in acc else '') + 'add the role to assume, or remove this key')
     if 'role_session_name' in acc and not ('assume_role_arn' in acc or 'member_role_name' in acc):
         missing('role_session_name', 'assume_role_arn', 'add the role to assume, or remove this key')
     for key in ('member_external_id',) + ACCOUNT_LIST_KEYS:
@@ -1440,7 +1446,9 @@ class _TemporaryCredentialFetcher:
         self._mark_checked()
         if self.codes_key:
             self._remember_code(record['expiry_time'])
-        LOG.info('[AWS auth] obtained a new %s session, valid until %s', self.method, record['expiry_time'])
+        role = self.account.get('assume_role_arn') if self.method == 'member_role' else None
+        LOG.info('[AWS auth] obtained a new %s session%s, valid until %s', self.method,
+                 f' for account {role.split(":")[4]}' if role else '', record['expiry_time'])
         self._warn_if_mfa_short(record, now)
         return record if full else _metadata(record)
 
@@ -2071,9 +2079,11 @@ class CollectorAccount:
         out, opening = [], []
         refused = {}        # the management account's refusal, from an earlier run
         skipped_as_refused = []
+        organization_ids = set()
 
         def take(page):
             for account_id, name, status in page:
+                organization_ids.add(account_id)
                 if account_id in excluded or (self.only is not None and account_id not in self.only):
                     continue
                 member = Member(account_id, name, tags={'AccountId': account_id})
@@ -2102,6 +2112,8 @@ class CollectorAccount:
         except AuthError:
             self.identity()     # keys AWS refuses: the identity call's line says so
             raise
+        if self.only is None and not listed:
+            self._say_what_selects_nothing(excluded - organization_ids, out)
         self.identity()     # the keys' own failure first
 
         def is_management(account_id):
@@ -2134,6 +2146,17 @@ class CollectorAccount:
         out.sort(key=lambda m: m.account_id)
         self.collected = out
         return out
+
+    def _say_what_selects_nothing(self, unknown, selected):
+        """A line for an exclusion that excludes nothing (a typo's id would
+        quietly leave its account collected), and one for a run left with no
+        account at all."""
+        if unknown:
+            LOG.warning("[%s] account['exclude_accounts'] names %s, not an account of the "
+                        'Organization: check the id(s)', self.label, ', '.join(sorted(unknown)))
+        if not selected:
+            LOG.warning("[%s] no account to collect: organizations:ListAccounts returned none "
+                        "that account['exclude_accounts'] leaves", self.label)
 
     def _management_account_id(self, cancellation):
         """The Organization's management account, asked only when a member
@@ -2317,9 +2340,20 @@ class AwsCollector:
 
     @property
     def state_key(self):
-        """Which collection this is, for the Runner's "collected recently"
-        record: everything that changes its output (never a secret)."""
-        who = {k: v for k, v in self.account.items() if k not in SECRET_KEYS}
+        """Which collection this is: everything that changes its output
+        (never a secret)."""
+        return self._fingerprint(SECRET_KEYS)
+
+    @property
+    def freshness_key(self):
+        """The key of the Runner's "collected recently" records. An
+        Organization's are per member account, so the keys that only select
+        the accounts are left out: editing them must not collect again the
+        accounts collected minutes ago."""
+        return self._fingerprint(SECRET_KEYS + SELECTION_KEYS if self.aws.organization else SECRET_KEYS)
+
+    def _fingerprint(self, left_out):
+        who = {k: v for k, v in self.account.items() if k not in left_out}
         return f'{self.name}:' + core.fingerprint(who, self.configs, self.filters, self.after_collect)
 
     def identity(self):

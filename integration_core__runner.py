@@ -10,7 +10,8 @@ Public entry points
 
 What a collector gives the Runner (integration_aws_ec2__main.DataCollector does)
     title, category ('custom_object' or 'metric'), min_interval (seconds),
-    state_key (str), optional start() and cancel() (begin collecting before the
+    state_key (str), optional freshness_key (str: the skip rule's, when not
+    state_key), optional start() and cancel() (begin collecting before the
     identity call; stop when the account fails or the run ends early),
     identity() -> {'method', 'account_id', 'arn', 'partition'},
     collect() -> iterator of {'measurement', 'tags', 'fields', 'timestamp'},
@@ -211,10 +212,14 @@ class Runner:
                   'status': 'ok', 'error': None, 'regions': [], 'identity': None}
         # Everything that changes what is written: the collector's own key
         # (account, regions, options, tags, hooks) and where it is written.
-        state_key = (f'integration_core:last_success:{collector.state_key}:'
-                     f'{fingerprint(*self._target)}')
+        target = fingerprint(*self._target)
+        state_key = f'integration_core:last_success:{collector.state_key}:{target}'
         interval = getattr(collector, 'min_interval', MIN_INTERVAL.get(collector.category, 0))
-        fresh = Freshness(dff, state_key, interval, started_at, always=self.debug or force)
+        # A collector of several accounts may key the skip rule without what
+        # only selects them (freshness_key): each account's record is its own.
+        fresh_key = getattr(collector, 'freshness_key', None)
+        fresh = Freshness(dff, f'integration_core:last_success:{fresh_key}:{target}' if fresh_key
+                          else state_key, interval, started_at, always=self.debug or force)
         # A collector of several accounts keeps the rule per account itself.
         per_account = callable(getattr(collector, 'use_freshness', None))
         skipped = collector.use_freshness(fresh) if per_account else fresh.skip_reason()

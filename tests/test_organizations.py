@@ -274,6 +274,60 @@ def test_the_skip_rule_is_kept_per_account(aws, org, sink, caplog):
     assert [c for c in calls if c['action'] == 'DescribeInstances'] == []
 
 
+
+def test_selecting_other_accounts_keeps_the_skip_rule_of_those_collected(aws, org, sink, caplog):
+    """Editing exclude_accounts or member_accounts changes which accounts are
+    collected, not what an account's collection is: the accounts collected 5
+    minutes ago are still skipped."""
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    now = [1_800_100_000.0]
+    broken = members['without-role']['id']
+
+    def run(**selection):
+        collector = ec2.DataCollector(org_account(org, **selection), {'regions': REGIONS})
+        core.Runner(collector, clock=lambda: now[0]).run()
+    with pytest.raises(core.RunFailed):
+        run()
+    for selection in ({'exclude_accounts': [broken]},
+                      {'member_accounts': [members['with-instances']['id'], members['external-id']['id']]}):
+        now[0] += 100
+        caplog.clear()
+        with aws.recording() as calls:
+            run(**selection)
+        lines = [r.getMessage() for r in caplog.records]
+        for label in ('with-instances', 'external-id'):
+            assert any(f"account {members[label]['id']}" in line and 'skipped: the last collection started'
+                       in line for line in lines), (selection, lines)
+        assert [c for c in calls if c['action'] in ('DescribeInstances', 'AssumeRole')] == []
+
+
+
+def test_an_exclusion_that_excludes_nothing_and_an_empty_selection_are_said(aws, org, sink, caplog):
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    every = ['123456789012'] + [m['id'] for m in members.values()]
+    core.Runner(ec2.DataCollector(org_account(org, exclude_accounts=every + ['999999999999']),
+                                  {'regions': REGIONS}), force=True).run()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert warnings == [
+        "[AWS EC2] account['exclude_accounts'] names 999999999999, not an account of the Organization: "
+        'check the id(s)',
+        "[AWS EC2] no account to collect: organizations:ListAccounts returned none that "
+        "account['exclude_accounts'] leaves"], warnings
+    assert sink.points == []
+    # An empty exclusion (a template's) excludes nothing, and says nothing.
+    caplog.clear()
+    with pytest.raises(core.RunFailed):         # the member without the role
+        core.Runner(ec2.DataCollector(org_account(org, exclude_accounts=[]), {'regions': REGIONS}),
+                    force=True).run()
+    assert not [r for r in caplog.records if r.levelname == 'WARNING']
+    assert set(by_account(sink)) >= {members['with-instances']['id'], members['external-id']['id']}
+    # A new member session's line names its account.
+    assert any(f"obtained a new member_role session for account {members['with-instances']['id']}"
+               in r.getMessage() for r in caplog.records)
+
+
 def test_listed_accounts_need_no_organizations_call(aws, org, sink):
     wanted = org['members']['with-instances']
     account = org_account(org, member_accounts=[wanted['id']])
@@ -340,6 +394,10 @@ def test_check_has_a_row_per_account_and_region(aws, org):
 
 BAD = [
     ({'member_external_id': 'x' * 10}, "account['member_external_id'] is set but account['member_role_name'] is missing"),
+    # The member roles' ExternalId under the single role's key: the right key said.
+    ({'member_role_name': 'r', 'external_id': 'x' * 10}, "account['external_id'] is set but "
+     "account['assume_role_arn'] is missing: the member roles' ExternalId is account['member_external_id']: "
+     'rename the key; add the role to assume, or remove this key'),
     ({'member_role_name': 'arn:aws:iam::111122223333:role/r'}, "account['member_role_name'] must be a role name"),
     ({'member_role_name': 'r', 'member_accounts': '111122223333'}, "account['member_accounts'] must be a non-empty list"),
     ({'member_role_name': 'r', 'member_accounts': [111122223333]}, "account['member_accounts'][0] must be a 12-digit account id in quotes"),
