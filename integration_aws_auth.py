@@ -2057,7 +2057,7 @@ class CollectorAccount:
             self._session = None        # the next session() starts a new one
         return dropped
 
-    def members(self, cancellation, pool, fresh=None, ready=None, recheck=False):
+    def members(self, cancellation, pool, fresh=None, ready=None, recheck=False, bound=None):
         """The accounts to collect, each a Member with a session or the one line
         saying why not. Without member_role_name: the account itself. With it:
         every account of account['member_accounts'], or else every ACTIVE
@@ -2068,7 +2068,9 @@ class CollectorAccount:
         collected too recently. The management account, which is collected
         only when the role exists there, is skipped without asking STS while
         an earlier run's refusal is under MANAGEMENT_ROLE_RECHECK old, unless
-        `recheck` (check's rows ask AWS)."""
+        `recheck` (check's rows ask AWS). `bound`: a semaphore of the
+        collector's requests in flight, which each opening holds while it
+        assumes the member's role."""
         if not self.organization:
             self.collected = [Member(None, None, self.session())]
             return self.collected
@@ -2098,7 +2100,7 @@ class CollectorAccount:
                     member.skipped = refused['skipped']
                     skipped_as_refused.append(member)
                 else:
-                    opening.append((member, pool.run(self._open_member, member, ready)))
+                    opening.append((member, pool.run(self._open_member, member, ready, cancellation, bound)))
                 out.append(member)
 
         try:
@@ -2128,7 +2130,7 @@ class CollectorAccount:
                             member.account_id)
                 self._forget_refusal()
                 member.skipped = None
-                opening.append((member, pool.run(self._open_member, member, ready)))
+                opening.append((member, pool.run(self._open_member, member, ready, cancellation, bound)))
         for member, opened in opening:
             outcome = opened.exception()
             if outcome is None:
@@ -2246,10 +2248,18 @@ class CollectorAccount:
     def _now(self):
         return (self.clock or _utcnow)()
 
-    def _open_member(self, member, ready=None):
-        session = member_session(self.session(), self.account, member.account_id,
-                                 cache=self.cache, clock=self.clock, watch=self._watch,
-                                 operations=self.operations, text_timestamps=self.text_timestamps)
+    def _open_member(self, member, ready=None, cancellation=None, bound=None):
+        if bound is not None:
+            while not bound.acquire(timeout=0.5):
+                if cancellation.is_set():
+                    raise core.Cancelled('the run ended before this account was opened')
+        try:
+            session = member_session(self.session(), self.account, member.account_id,
+                                     cache=self.cache, clock=self.clock, watch=self._watch,
+                                     operations=self.operations, text_timestamps=self.text_timestamps)
+        finally:
+            if bound is not None:
+                bound.release()
         member.identity = member_identity(self.account, member.account_id, self.partition)
         member.session = session
         if ready is not None:

@@ -31,6 +31,7 @@ IAM permissions: ec2:DescribeInstances, ec2:DescribeRegions (only for ['*']),
 sts:GetCallerIdentity (always allowed), plus what the account's method needs
 (integration_aws_auth).
 """
+import collections
 import datetime
 import gc
 import json
@@ -143,6 +144,10 @@ class DataCollector(auth.AwsCollector):
             # worker waits only while its last page is turned into points, which
             # holds the GIL anyway.
             'slots': threading.Semaphore(pool.size),
+            # Requests in flight, the member roles' AssumeRole (on the openers'
+            # pool, see _members) included: at most `concurrency`.
+            'inflight': threading.Semaphore(pool.size),
+            'waiting': {},      # account -> its regions not started yet (see ready)
             'stop': core.Cancellation(),
             'pool': pool,
             'gc': _relax_gc(),
@@ -160,10 +165,17 @@ class DataCollector(auth.AwsCollector):
         regions = self.aws.resolve_regions(config)
         self.results = run['regions']
 
+        # Of an Organization, an account's regions take at most half the pool
+        # at once: botocore sleeps between the retries of throttled calls on
+        # the pool's threads, and one throttled account must leave the other
+        # accounts room.
+        share = max(1, pool.size // 2) if self.aws.organization else pool.size
+
         def ready(member):
             """Start the member's regions, as soon as it has a session."""
             organization = self.aws.organization
             with run['lock']:
+                waiting = run['waiting'][member.account_id] = collections.deque()
                 for region in regions:
                     result = _new_result(region, member if organization else None)
                     # Clients come from the account's session (not thread-safe to
@@ -171,7 +183,11 @@ class DataCollector(auth.AwsCollector):
                     client = stop.watch(auth.take_client(member.session, 'ec2', region, config))
                     run['regions'].append(result)
                     run['clients'].append(client)
-                    pool.submit(self._fetch_region, client, result, run)
+                    waiting.append((client, result))
+                # The rest start as these end (_fetch_region), behind the
+                # other accounts' regions already queued.
+                for _ in range(min(share, len(waiting))):
+                    pool.submit(self._fetch_region, *waiting.popleft(), run, member.account_id)
 
         if not self.aws.organization:
             ready(self.aws.members(stop, pool, self.aws.fresh)[0])
@@ -188,7 +204,7 @@ class DataCollector(auth.AwsCollector):
         # the whole list of accounts.
         openers = run['openers'] = core.Workers(run['pool'].size, 'ec2-accounts')
         try:
-            self.aws.members(run['stop'], openers, self.aws.fresh, ready=ready)
+            self.aws.members(run['stop'], openers, self.aws.fresh, ready=ready, bound=run['inflight'])
             # In the accounts' order, whatever order their roles were assumed in.
             order = {m.account_id: n for n, m in enumerate(self.aws.collected)}
             self.results.sort(key=lambda r: (order[r['account']], regions.index(r['region'])))
@@ -275,8 +291,20 @@ class DataCollector(auth.AwsCollector):
 
     # -- collection ----------------------------------------------------------
 
-    def _fetch_region(self, client, result, run):
-        """Worker: one region's pages, in order, onto the queue."""
+    def _fetch_region(self, client, result, run, account=None):
+        """Worker: one region's pages, in order, onto the queue; then the
+        account's next region waiting, if any."""
+        try:
+            self._fetch_pages(client, result, run)
+        finally:
+            with run['lock']:
+                waiting = run['waiting'].get(account)
+                following = waiting.popleft() if waiting else None
+            if following is not None:
+                run['pool'].submit(self._fetch_region, *following, run, account)
+            run['pages'].put(('done', result, None))
+
+    def _fetch_pages(self, client, result, run):
         started = time.monotonic()
         params = {'MaxResults': self.configs['page_size']}
         pages, stop = run['pages'], run['stop']
@@ -284,7 +312,7 @@ class DataCollector(auth.AwsCollector):
             while _acquire(run['slots'], stop):
                 fetched = False
                 try:
-                    resp = self._describe_page(client, params, result, stop)
+                    resp = self._describe_page(client, params, result, run)
                     fetched = True
                 finally:
                     if not fetched:
@@ -308,13 +336,15 @@ class DataCollector(auth.AwsCollector):
                                if stop.is_set() else explain_error(e, result['region']))
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
-            pages.put(('done', result, None))
 
-    def _describe_page(self, client, params, result, stop):
+    def _describe_page(self, client, params, result, run):
         """One DescribeInstances page. botocore retries throttling and broken
         connections itself; an answer cut short in transit (invalid XML, an
         incomplete read) it does not, so ask again for the same page."""
+        stop = run['stop']
         for attempt in range(1, PAGE_ATTEMPTS + 1):
+            if not _acquire(run['inflight'], stop):
+                raise core.Cancelled('the run ended before this page was asked for')
             try:
                 return client.describe_instances(**params)
             except TRANSIENT_ERRORS as e:
@@ -323,7 +353,9 @@ class DataCollector(auth.AwsCollector):
                     raise
                 LOG.warning('[%s] page %d: %s; asking again', result['region'],
                             result['pages'] + 1, core.first_line(e))
-                time.sleep(0.2 * 2 ** attempt)
+            finally:
+                run['inflight'].release()
+            time.sleep(0.2 * 2 ** attempt)
 
     def _points(self, reservations, result, timestamp):
         tags = self.extra_tags
