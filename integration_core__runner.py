@@ -301,8 +301,7 @@ class Runner:
                     fresh.mark(account)
             elif status['status'] == 'ok':
                 fresh.mark()
-        if status['status'] == 'ok':
-            links.after(collector)
+        links.after(collector)
         return status
 
     @staticmethod
@@ -385,9 +384,11 @@ class ObjectLinks:
         if collector not in self.linkers:
             return
         if not self.fresh and self.sources:
-            cached = unpack_json(cache_get(self.dff.CACHE, self.key))
-            self.objects = _unpack_objects(cached)
+            self.objects = self._last()
         collector.link_objects(dict(self.objects))
+
+    def _last(self):
+        return _unpack_objects(unpack_json(cache_get(self.dff.CACHE, self.key)))
 
     def note(self, collector, point):
         if self.linkers and collector in self.sources:
@@ -397,9 +398,18 @@ class ObjectLinks:
                 self.objects[name] = {k: v for k, v in tags.items() if k != 'name'}
 
     def after(self, collector):
-        """An object collector delivered everything: its map is the newest."""
+        """An object collector ran: its map is the newest of the regions (of
+        the accounts) it collected in full. Of the others, failed or not
+        collected this run (an Organization's accounts collected minutes
+        ago), the last map's objects stay: their metrics keep their tags."""
         if not self.linkers or collector not in self.sources:
             return
+        results = getattr(collector, 'results', None)
+        if results is not None:
+            complete = {(r.get('account'), r.get('region')) for r in results if not r.get('error')}
+            for name, tags in self._last().items():
+                if name not in self.objects and (tags.get('AccountId'), tags.get('RegionId')) not in complete:
+                    self.objects[name] = tags
         self.fresh = True
         try:
             self.dff.CACHE.set(self.key, pack_json(_pack_objects(self.objects)), expires=LINK_TTL)

@@ -655,3 +655,45 @@ def test_a_run_cut_short_by_its_timeout_loses_no_bucket(aws, user, estate, sink,
     written = by_series(p for p in sink.metrics() if p['tags']['InstanceId'] in estate)
     assert {(i, t) for i, m, t in written if m == 'CPUUtilization'} == {
         (i, END - b * PERIOD) for i in estate for b in (1, 2, 3)}
+
+
+def test_metrics_keep_their_instances_tags_when_another_ec2_region_fails(aws, user, estate, sink, monkeypatch):
+    """An EC2 region failing (or an Organization's account not collected this
+    run) must not strip the tags of the other regions' metrics: the map of
+    the regions collected is this run's, the others' stay as last kept."""
+    from servers import FaultProxy, ec2_error
+    failing = {'us-west-2'}
+    proxy = FaultProxy(aws.url, lambda r: ('status', 403, ec2_error('UnauthorizedOperation', 'no'))
+                       if r['action'] == 'DescribeInstances' and r['region'] in failing else None)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    (west,) = aws.run_instances('us-west-2', 1, name=unique('west'))
+    put(aws, 'us-west-2', west, 'CPUUtilization', END - PERIOD + 5, 7.0)
+    account = account_of(user)
+
+    def run(now):
+        sink.points.clear()
+        try:
+            core.Runner([ec2.DataCollector(account, {'regions': ['us-east-1', 'us-west-2'], 'max_attempts': 1}),
+                         cw.DataCollector(account, {'regions': ['us-east-1', 'us-west-2']}, now=lambda: now)],
+                        force=True).run()
+            assert not failing
+        except core.RunFailed:
+            assert failing
+        return {p['tags']['InstanceId']: p['tags'] for p in sink.metrics()}
+    try:
+        tags = run(NOW)
+        assert tags[estate[0]]['InstanceName'].startswith('cw-')      # us-east-1: collected
+        assert 'InstanceName' not in tags[west]                        # never collected yet
+        # us-west-2 collected once, then failing again: its instances keep the
+        # tags of the last map, us-east-1's are this run's.
+        failing.clear()
+        run(NOW)
+        failing.add('us-west-2')
+        for instance_id in estate + [west]:
+            put(aws, 'us-east-1' if instance_id in estate else 'us-west-2', instance_id,
+                'CPUUtilization', END + 5, 50.0)
+        tags = run(NOW + PERIOD)
+        assert tags[estate[0]]['InstanceName'].startswith('cw-')
+        assert tags[west]['InstanceName'].startswith('west-') and tags[west]['RegionId'] == 'us-west-2'
+    finally:
+        proxy.stop()

@@ -794,3 +794,42 @@ def test_tag_values_keep_their_rules():
     assert core.tag_value(42) == '42' and core.tag_value(None) is None
     with pytest.raises(UnicodeEncodeError):
         core.tag_value('ops\udcff')        # no UTF-8: as before
+
+
+def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
+    """An Organization's run within 15 minutes collects only some accounts,
+    and a region may fail: the metrics of the others keep the last map's tags;
+    the accounts and regions collected in full have this run's (an instance
+    gone from them is gone from the map)."""
+    class Dff:
+        CACHE = local_runtime.FileCache(str(tmp_path))
+
+    class Source:
+        category = 'custom_object'
+        state_key = 'ec2'
+
+    class Linker:
+        category = 'metric'
+        objects = None
+
+        def link_objects(self, objects):
+            self.objects = objects
+
+    def instance(name, account, region):
+        return {'tags': {'name': name, 'AccountId': account, 'RegionId': region, 'InstanceName': name}}
+
+    def run(points, results):
+        source, linker = Source(), Linker()
+        source.results = results
+        links = core.ObjectLinks([source, linker], Dff)
+        for point in points:
+            links.note(source, point)
+        links.after(source)
+        links.before(linker)
+        return sorted(linker.objects)
+    everything = [instance('i-a1', 'A', 'r1'), instance('i-a2', 'A', 'r2'), instance('i-b1', 'B', 'r1')]
+    assert run(everything, [{'account': a, 'region': r, 'error': None}
+                            for a, r in (('A', 'r1'), ('A', 'r2'), ('B', 'r1'))]) == ['i-a1', 'i-a2', 'i-b1']
+    # B skipped (collected minutes ago), A's r2 failed, i-a1 terminated: A r1 is this run's.
+    assert run([], [{'account': 'A', 'region': 'r1', 'error': None},
+                    {'account': 'A', 'region': 'r2', 'error': 'denied'}]) == ['i-a2', 'i-b1']
