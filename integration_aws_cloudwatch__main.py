@@ -181,7 +181,10 @@ class DataCollector(auth.AwsCollector):
         # A GetMetricData request is 500 queries we built ourselves: botocore's
         # validation of them was a quarter of the collection's CPU.
         metrics_config = config.merge(Config(parameter_validation=False))
-        pool = core.Workers(self.configs['concurrency'], 'cloudwatch')
+        # Of an Organization, an account's calls take at most half the pool at
+        # once (a throttled account leaves the others room: Workers).
+        size = self.configs['concurrency']
+        pool = core.Workers(size, 'cloudwatch', share=size // 2 if self.aws.organization else None)
         run = {'out': queue.Queue(), 'stop': core.Cancellation(), 'pool': pool, 'regions': []}
         # From here on cancel() ends it all, however start() itself ends
         # (Func's timeout included, which no `except Exception` sees).
@@ -195,7 +198,7 @@ class DataCollector(auth.AwsCollector):
         for (member, region), result in zip(work, self.results):
             client = stop.watch(auth.take_client(member.session, 'cloudwatch', region, metrics_config))
             run['regions'].append(_Region(self, member, client, result, run))
-            pool.submit(run['regions'][-1].discover)
+            pool.submit(run['regions'][-1].discover, group=member.account_id)
 
     def _collect(self):
         """Yield points as each GetMetricData call's answer arrives; fill
@@ -296,7 +299,7 @@ class _Region:
             chunks = self._chunks() if self.window and self.series else []
             self.calls_left = len(chunks)
             for chunk, window in chunks:
-                self.run['pool'].submit(self._read, chunk, window)
+                self.run['pool'].submit(self._read, chunk, window, group=self.member.account_id)
         except Exception as e:
             self.result['error'] = self._explain(e, 'cloudwatch:ListMetrics')
             chunks = []

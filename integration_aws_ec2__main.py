@@ -31,7 +31,6 @@ IAM permissions: ec2:DescribeInstances, ec2:DescribeRegions (only for ['*']),
 sts:GetCallerIdentity (always allowed), plus what the account's method needs
 (integration_aws_auth).
 """
-import collections
 import datetime
 import gc
 import json
@@ -133,8 +132,11 @@ class DataCollector(auth.AwsCollector):
         several = self.aws.organization or self.regions == ['*']
         # One pool for every (account, region) (an Organization's member roles
         # are assumed on another: see _members).
-        pool = core.Workers(self.configs.get('concurrency') or (
-            MAX_CONCURRENCY if several else min(MAX_CONCURRENCY, len(self.regions))), 'ec2')
+        # Of an Organization, an account's regions take at most half the pool
+        # at once (a throttled account leaves the others room: Workers).
+        size = self.configs.get('concurrency') or (
+            MAX_CONCURRENCY if several else min(MAX_CONCURRENCY, len(self.regions)))
+        pool = core.Workers(size, 'ec2', share=size // 2 if self.aws.organization else None)
         run = {
             'timestamp': time.time_ns(),
             'regions': [],
@@ -147,7 +149,6 @@ class DataCollector(auth.AwsCollector):
             # Requests in flight, the member roles' AssumeRole (on the openers'
             # pool, see _members) included: at most `concurrency`.
             'inflight': threading.Semaphore(pool.size),
-            'waiting': {},      # account -> its regions not started yet (see ready)
             'stop': core.Cancellation(),
             'pool': pool,
             'gc': _relax_gc(),
@@ -165,17 +166,10 @@ class DataCollector(auth.AwsCollector):
         regions = self.aws.resolve_regions(config)
         self.results = run['regions']
 
-        # Of an Organization, an account's regions take at most half the pool
-        # at once: botocore sleeps between the retries of throttled calls on
-        # the pool's threads, and one throttled account must leave the other
-        # accounts room.
-        share = max(1, pool.size // 2) if self.aws.organization else pool.size
-
         def ready(member):
             """Start the member's regions, as soon as it has a session."""
             organization = self.aws.organization
             with run['lock']:
-                waiting = run['waiting'][member.account_id] = collections.deque()
                 for region in regions:
                     result = _new_result(region, member if organization else None)
                     # Clients come from the account's session (not thread-safe to
@@ -183,11 +177,7 @@ class DataCollector(auth.AwsCollector):
                     client = stop.watch(auth.take_client(member.session, 'ec2', region, config))
                     run['regions'].append(result)
                     run['clients'].append(client)
-                    waiting.append((client, result))
-                # The rest start as these end (_fetch_region), behind the
-                # other accounts' regions already queued.
-                for _ in range(min(share, len(waiting))):
-                    pool.submit(self._fetch_region, *waiting.popleft(), run, member.account_id)
+                    pool.submit(self._fetch_region, client, result, run, group=member.account_id)
 
         if not self.aws.organization:
             ready(self.aws.members(stop, pool, self.aws.fresh)[0])
@@ -291,20 +281,8 @@ class DataCollector(auth.AwsCollector):
 
     # -- collection ----------------------------------------------------------
 
-    def _fetch_region(self, client, result, run, account=None):
-        """Worker: one region's pages, in order, onto the queue; then the
-        account's next region waiting, if any."""
-        try:
-            self._fetch_pages(client, result, run)
-        finally:
-            with run['lock']:
-                waiting = run['waiting'].get(account)
-                following = waiting.popleft() if waiting else None
-            if following is not None:
-                run['pool'].submit(self._fetch_region, *following, run, account)
-            run['pages'].put(('done', result, None))
-
-    def _fetch_pages(self, client, result, run):
+    def _fetch_region(self, client, result, run):
+        """Worker: one region's pages, in order, onto the queue."""
         started = time.monotonic()
         params = {'MaxResults': self.configs['page_size']}
         pages, stop = run['pages'], run['stop']
@@ -336,6 +314,7 @@ class DataCollector(auth.AwsCollector):
                                if stop.is_set() else explain_error(e, result['region']))
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
+            pages.put(('done', result, None))
 
     def _describe_page(self, client, params, result, run):
         """One DescribeInstances page. botocore retries throttling and broken

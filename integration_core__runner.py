@@ -39,6 +39,7 @@ Environment (the process's only)
                             it must be ours and closed to others: state_dir()).
 """
 import base64
+import collections
 import contextlib
 import datetime
 import decimal
@@ -1555,24 +1556,37 @@ class Workers:
     """A fixed pool of daemon threads. Unlike ThreadPoolExecutor, nothing
     joins them at interpreter exit, and stop() waits a bounded time. A thread
     starts with the task that needs it (up to `count`), so the first task
-    runs at once, not after every thread of the pool has started."""
+    runs at once, not after every thread of the pool has started.
 
-    def __init__(self, count, name):
+    `share`: at most that many tasks of one `group` (an account) run at once;
+    its others wait, in order, for them to end. botocore sleeps between the
+    retries of throttled calls on the pool's threads: one throttled account
+    must leave the other accounts threads."""
+
+    def __init__(self, count, name, share=None):
         self.size = max(1, count)
+        self.share = max(1, min(share or self.size, self.size))
         self._name = name
         self._tasks = queue.Queue()
         self._threads = []
         self._lock = threading.Lock()
         self._stopped = False
+        self._running = collections.Counter()   # group -> its tasks queued or running
+        self._held = {}                         # group -> its tasks waiting for those
 
-    def submit(self, func, *args):
+    def submit(self, func, *args, group=None):
         with self._lock:
             if self._stopped:       # no thread would ever run it
                 _cancel((func, args))
                 return
+            if group is not None:
+                if self._running[group] >= self.share:
+                    self._held.setdefault(group, collections.deque()).append((func, args))
+                    return
+                self._running[group] += 1
             if len(self._threads) < self.size:
                 self._start_thread()
-            self._tasks.put((func, args))
+            self._tasks.put((func, args, group))
 
     def _start_thread(self):
         thread = threading.Thread(target=self._work, daemon=True,
@@ -1601,8 +1615,21 @@ class Workers:
             task = self._tasks.get()
             if task is None:
                 return
-            func, args = task
-            func(*args)
+            func, args, group = task
+            try:
+                func(*args)
+            finally:
+                if group is not None:
+                    self._next_of(group)
+
+    def _next_of(self, group):
+        """A task of `group` ended: its next one waiting takes its place."""
+        with self._lock:
+            held = self._held.get(group)
+            if held and not self._stopped:
+                self._tasks.put(held.popleft() + (group,))
+            else:
+                self._running[group] -= 1
 
     def stop(self, timeout):
         """Drop the tasks not yet started (the Future of a run() not started
@@ -1610,13 +1637,17 @@ class Workers:
         with self._lock:        # first: no task comes in after the drop
             self._stopped = True
             threads = list(self._threads)
+            held, self._held = self._held, {}
+        for tasks in held.values():
+            for task in tasks:
+                _cancel(task)
         while True:
             try:
                 task = self._tasks.get_nowait()
             except queue.Empty:
                 break
             if task is not None:
-                _cancel(task)
+                _cancel(task[:2])
         for _ in threads:
             self._tasks.put(None)
         deadline = time.monotonic() + timeout

@@ -776,7 +776,7 @@ def test_a_throttled_account_leaves_the_other_accounts_room(aws, org, sink, monk
     proxy.rule = rule
     # Each region's collection, as the pool's threads run it (botocore's
     # backoff between retries included).
-    spans, fetch = [], ec2.DataCollector._fetch_pages
+    spans, fetch = [], ec2.DataCollector._fetch_region
 
     def timed(self, client, result, run):
         start = time.monotonic()
@@ -784,12 +784,41 @@ def test_a_throttled_account_leaves_the_other_accounts_room(aws, org, sink, monk
             return fetch(self, client, result, run)
         finally:
             spans.append((start, time.monotonic(), result['account'], None))
-    monkeypatch.setattr(ec2.DataCollector, '_fetch_pages', timed)
+    monkeypatch.setattr(ec2.DataCollector, '_fetch_region', timed)
     core.Runner(ec2.DataCollector(account, {'regions': REGIONS, 'concurrency': 2}), force=True).run()
     assert min(throttled.values()) == 3         # each region throttled twice, then answered
     assert set(by_account(sink)) >= {members['with-instances']['id'], members['external-id']['id']}
     # At most half the pool (one thread of two) for any account: the other
     # thread goes on with the other accounts while the throttled one backs off.
     for member in {a for _, _, a, _ in spans}:
+        assert most_at_once([span for span in spans if span[2] == member]) == 1, (member, spans)
+    assert most_at_once(spans) == 2
+
+
+def test_cloudwatch_gives_an_account_at_most_half_the_pool(aws, org, sink, monkeypatch):
+    """Each CloudWatch call held 0.3 s: with concurrency 2, an account's
+    discoveries and reads run one at a time, the other thread serving the
+    other accounts (a throttled account, whose retries botocore sleeps on
+    the pool's threads, cannot hold them all)."""
+    proxy = org['proxy']
+    judge = proxy.rule
+    proxy.rule = lambda request: ('delay', 0.3) if request['service'] == 'monitoring' else judge(request)
+    spans = []
+
+    def timed(method):
+        def run(self, *args):
+            start = time.monotonic()
+            try:
+                return method(self, *args)
+            finally:
+                spans.append((start, time.monotonic(), self.member.account_id, None))
+        return run
+    monkeypatch.setattr(cw._Region, 'discover', timed(cw._Region.discover))
+    monkeypatch.setattr(cw._Region, '_read', timed(cw._Region._read))
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+    core.Runner(cw.DataCollector(account, {'regions': REGIONS, 'concurrency': 2}), force=True).run()
+    accounts = {a for _, _, a, _ in spans}
+    assert len(accounts) >= 3
+    for member in accounts:
         assert most_at_once([span for span in spans if span[2] == member]) == 1, (member, spans)
     assert most_at_once(spans) == 2
