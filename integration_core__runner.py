@@ -274,10 +274,21 @@ class Runner:
         # collector may now record what it has written (never in debug).
         if delivery is not None:
             getattr(collector, 'commit', lambda: None)()
-        for region in getattr(collector, 'results', []):
+        results = list(getattr(collector, 'results', []))
+        # An account of several whose every region failed (its role may not
+        # read anything, say) is one line, not one per region.
+        whole = _accounts_failed_everywhere(results)
+        for account, regions in whole.items():
+            name = f" ({regions[0]['account_name']})" if regions[0].get('account_name') else ''
+            LOG.error('%s account %s%s FAILED in every region (%d): %s', label, account, name,
+                      len(regions), regions[0]['error'])
+            failed_accounts.append(account)
+        for region in results:
             status['regions'].append(region)
             where = _where(region)
-            if region.get('error'):
+            if region.get('error') and region.get('account') in whole:
+                LOG.debug('%s %s FAILED: %s', label, where, region['error'])
+            elif region.get('error'):
                 LOG.error('%s %s FAILED: %s', label, where, region['error'])
             elif region.get('summary'):
                 LOG.info('%s %s: %s, %.2f s', label, where, region['summary'], region['seconds'])
@@ -285,7 +296,8 @@ class Runner:
                 LOG.info('%s %s: %d instance(s), %d page(s), %d API call(s), %.2f s', label,
                          where, region['instances'], region['pages'],
                          region['api_calls'], region['seconds'])
-        failed_regions = [_where(r) for r in status['regions'] if r.get('error')]
+        failed_regions = [_where(r) for r in status['regions']
+                          if r.get('error') and r.get('account') not in whole]
         failures = ([f'{len(failed_accounts)} account(s) failed: {", ".join(failed_accounts)}']
                     if failed_accounts else [])
         if failed_regions:
@@ -534,6 +546,17 @@ class Freshness:
 
     def _key(self, part):
         return f'{self.key}:{part}' if part else self.key
+
+
+def _accounts_failed_everywhere(results):
+    """{account: its results} of the accounts (of a collector of several)
+    with more than one region, every one of them failed."""
+    by_account = {}
+    for result in results:
+        if result.get('account'):
+            by_account.setdefault(result['account'], []).append(result)
+    return {account: mine for account, mine in by_account.items()
+            if len(mine) > 1 and all(r.get('error') for r in mine)}
 
 
 def _where(region):

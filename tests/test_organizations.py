@@ -822,3 +822,28 @@ def test_cloudwatch_gives_an_account_at_most_half_the_pool(aws, org, sink, monke
     for member in accounts:
         assert most_at_once([span for span in spans if span[2] == member]) == 1, (member, spans)
     assert most_at_once(spans) == 2
+
+
+def test_an_account_failing_in_every_region_is_one_line(aws, org, sink, caplog):
+    from servers import ec2_error
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    account = org_account(org, exclude_accounts=[members['without-role']['id']])
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()   # sessions made
+    proxy = org['proxy']
+    denied = {key for key, arn in proxy.issued.items() if f":{members['with-instances']['id']}:" in arn}
+    judge = proxy.rule
+    proxy.rule = lambda request: (
+        ('status', 403, ec2_error('UnauthorizedOperation', 'You are not authorized to perform this operation.'))
+        if request['action'] == 'DescribeInstances' and request['access_key'] in denied else judge(request))
+    caplog.clear()
+    sink.points.clear()
+    with pytest.raises(core.RunFailed) as failed:
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    broken = members['with-instances']
+    assert failure_lines(caplog) == [
+        f"[#1 AWS EC2] account {broken['id']} ({broken['name']}) FAILED in every region (2): "
+        'ec2:DescribeInstances: UnauthorizedOperation: You are not authorized to perform this operation. '
+        "(allow ec2:DescribeInstances in this region (see the README's policy))"]
+    assert str(failed.value).endswith(f"1 account(s) failed: {broken['id']}")
+    assert members['external-id']['id'] in by_account(sink)
