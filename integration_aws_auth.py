@@ -123,6 +123,7 @@ EXTERNAL_ID_RE = re.compile(r'^[\w+=,.@:/-]{2,1224}$', re.ASCII)
 SERIAL_NUMBER_RE = re.compile(r'^[\w+=/:,.@-]{9,256}$', re.ASCII)
 TOKEN_CODE_RE = re.compile(r'^\d{6}$', re.ASCII)
 ACCOUNT_ID_RE = re.compile(r'^\d{12}$', re.ASCII)
+REGION_RE = re.compile(r'^[a-z]{2}(-[a-z]+)+-\d{1,2}$', re.ASCII)
 ROLE_NAME_RE = re.compile(r'^(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,64}$', re.ASCII)
 ACCESS_KEY_ID_RE = re.compile(r'^[A-Z0-9]{16,128}$')
 ROLE_DURATION = (900, 43200)
@@ -195,6 +196,10 @@ MANAGEMENT_ROLE_KEY_PREFIX = 'integration_aws_auth:management-role:'
 # then kept this long.
 MANAGEMENT_ID_TTL = 86400
 MANAGEMENT_ID_KEY_PREFIX = 'integration_aws_auth:management-account:'
+# regions ['*'] over an Organization: each member's enabled regions, kept this
+# long (a region enabled since is collected within the hour).
+MEMBER_REGIONS_TTL = 3600
+MEMBER_REGIONS_KEY_PREFIX = 'integration_aws_auth:member-regions:'
 SESSION_FIELDS = ('access_key', 'secret_key', 'token', 'expiry_time', 'issued')
 
 # The STS region of each partition when the account names no region.
@@ -1987,12 +1992,45 @@ class CollectorAccount:
 
     def resolve_regions(self, config=None):
         """The configured regions, or for ['*'] every region enabled for the
-        account in its partition."""
+        account in its partition. None for ['*'] over an Organization: each
+        member's own (member_regions), as opt-in regions differ by account."""
         if self.regions != ['*']:
             return list(self.regions)
-        session = self.session()
-        home = session.region_name
-        client = session.client('ec2', region_name=home, config=config)
+        if self.organization:
+            return None
+        regions = self._enabled_regions(self.session(), config)
+        LOG.info("[%s] regions ['*'] in %s: %d enabled region(s)", self.label, self.partition,
+                 len(regions))
+        return regions
+
+    def member_regions(self, member, regions, config=None):
+        """`regions` (resolve_regions'), or when None the regions enabled in
+        the member's account: its own ec2:DescribeRegions, kept for
+        MEMBER_REGIONS_TTL (sealed like its session), so that a steady-state
+        run asks nothing."""
+        if regions is not None:
+            return regions
+        cache, binding = self._cache(), self.session().integration_binding
+        key = MEMBER_REGIONS_KEY_PREFIX + _hash(binding.key, member.account_id, self.partition)
+        what = "a member account's enabled regions"
+        record, sealed = _read_sealed(cache, key, binding.seal_keys, what)
+        record = _checked_record(cache, key, record if sealed else {}, lambda r: all(
+            isinstance(n, str) and partition_of(n) == self.partition and REGION_RE.match(n)
+            for n in r['regions']), what)
+        if record is not None:
+            return list(record['regions'])
+        found = self._enabled_regions(member.session, config)
+        LOG.debug("[%s] regions ['*'] of account %s: %d enabled region(s)", self.label,
+                  member.account_id, len(found))
+        try:
+            cache.set(key, _seal(binding.seal_keys, json.dumps({'regions': found})),
+                      expire=MEMBER_REGIONS_TTL)
+        except Exception as e:      # a broken cache costs this call again next run
+            LOG.warning("[AWS auth] cannot keep a member account's regions: %s", type(e).__name__)
+        return found
+
+    def _enabled_regions(self, session, config):
+        client = session.client('ec2', region_name=session.region_name, config=config)
         try:
             resp = client.describe_regions(AllRegions=False)
         except (ClientError, BotoCoreError) as e:
@@ -2000,12 +2038,9 @@ class CollectorAccount:
                     else f'ec2:DescribeRegions: {core.first_line(e)}')
             raise AuthError(f"regions ['*']: {line}") from None
         # Real AWS lists only the partition's regions; emulators may list all.
-        regions = sorted(r['RegionName'] for r in resp['Regions']
-                         if r.get('OptInStatus') != 'not-opted-in'
-                         and partition_of(r['RegionName']) == self.partition)
-        LOG.info("[%s] regions ['*'] in %s: %d enabled region(s)", self.label, self.partition,
-                 len(regions))
-        return regions
+        return sorted(r['RegionName'] for r in resp['Regions']
+                      if r.get('OptInStatus') != 'not-opted-in'
+                      and partition_of(r['RegionName']) == self.partition)
 
     # -- the accounts to collect -------------------------------------------
 
@@ -2138,6 +2173,7 @@ class CollectorAccount:
                     self._forget_refusal()      # check found the role there: runs ask again now
                 continue
             line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
+            member.session = None       # not collected: never marked fresh, nor kept
             if is_management(member.account_id):
                 # The management account is included only when the role exists there.
                 member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
@@ -2445,7 +2481,12 @@ def check_accounts(aws, config, service, probe, explain):
             rows.append({'region': member.account_id, 'ok': not member.error,
                          'reason': name + (member.error or f'skipped: {member.skipped}')})
             continue
-        for region in regions:
+        try:
+            mine = aws.member_regions(member, regions, config)
+        except AuthError as e:
+            rows.append({'region': prefix + "regions ['*']", 'ok': False, 'reason': str(e)})
+            continue
+        for region in mine:
             client = member.session.client(service, region_name=region, config=config)
             try:
                 rows.append({'region': prefix + region, 'ok': True, 'reason': probe(client, region)})

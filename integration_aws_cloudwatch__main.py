@@ -193,12 +193,23 @@ class DataCollector(auth.AwsCollector):
         self.aws.start_identity(stop, config)
         regions = self.aws.resolve_regions(config)
         members = self.aws.members(stop, pool, self.aws.fresh)
-        work = [(m, r) for m in members if m.session for r in regions]
+        work = [(m, r) for m in members if m.session
+                for r in self._member_regions(m, regions, config)]
         self.results = [_new_result(r, m if self.aws.organization else None) for m, r in work]
         for (member, region), result in zip(work, self.results):
             client = stop.watch(auth.take_client(member.session, 'cloudwatch', region, metrics_config))
             run['regions'].append(_Region(self, member, client, result, run))
             pool.submit(run['regions'][-1].discover, group=member.account_id)
+
+    def _member_regions(self, member, regions, config):
+        """The member's regions (its own enabled ones for ['*'] over an
+        Organization); when they cannot be looked up, that account fails
+        (one line), not the run."""
+        try:
+            return self.aws.member_regions(member, regions, config)
+        except auth.AuthError as e:
+            member.error, member.session = str(e), None
+            return []
 
     def _collect(self):
         """Yield points as each GetMetricData call's answer arrives; fill

@@ -169,8 +169,10 @@ class DataCollector(auth.AwsCollector):
         def ready(member):
             """Start the member's regions, as soon as it has a session."""
             organization = self.aws.organization
+            # regions ['*'] over an Organization: the member's own enabled ones.
+            mine = self.aws.member_regions(member, regions, config)
             with run['lock']:
-                for region in regions:
+                for region in mine:
                     result = _new_result(region, member if organization else None)
                     # Clients come from the account's session (not thread-safe to
                     # create), each region starting as soon as its client exists.
@@ -197,7 +199,8 @@ class DataCollector(auth.AwsCollector):
             self.aws.members(run['stop'], openers, self.aws.fresh, ready=ready, bound=run['inflight'])
             # In the accounts' order, whatever order their roles were assumed in.
             order = {m.account_id: n for n, m in enumerate(self.aws.collected)}
-            self.results.sort(key=lambda r: (order[r['account']], regions.index(r['region'])))
+            self.results.sort(key=lambda r: (order[r['account']], r['region'] if regions is None
+                                             else regions.index(r['region'])))
         finally:
             # Its threads are done, or the run is failing: _finish waits for them.
             openers.stop(0)

@@ -847,3 +847,71 @@ def test_an_account_failing_in_every_region_is_one_line(aws, org, sink, caplog):
         "(allow ec2:DescribeInstances in this region (see the README's policy))"]
     assert str(failed.value).endswith(f"1 account(s) failed: {broken['id']}")
     assert members['external-id']['id'] in by_account(sink)
+
+
+REGIONS_XML = ('<DescribeRegionsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>r</requestId>'
+               '<regionInfo>{}</regionInfo></DescribeRegionsResponse>')
+
+
+def test_every_region_of_an_organization_is_each_members_own(aws, org, sink):
+    """regions ['*']: opt-in regions differ by account, so each member's are
+    its own DescribeRegions (kept for the hour: none in the next run), never
+    the management account's."""
+    members = org['members']
+    few = members['external-id']
+    proxy = org['proxy']
+    judge = proxy.rule
+    keys = {}
+
+    def rule(request):
+        who = proxy.issued.get(request['access_key'], '').split(':')[4:5]
+        if request['action'] == 'DescribeRegions':
+            keys.setdefault(who[0] if who else 'management', []).append(request['access_key'])
+            if who == [few['id']]:
+                return ('status', 200, REGIONS_XML.format(''.join(
+                    f'<item><regionName>{r}</regionName><regionEndpoint>ec2.{r}.amazonaws.com</regionEndpoint>'
+                    '<optInStatus>opt-in-not-required</optInStatus></item>' for r in REGIONS)))
+        return judge(request)
+    proxy.rule = rule
+    account = org_account(org, member_accounts=[members['with-instances']['id'], few['id']])
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, {'regions': ['*']}), force=True).run()
+    assert sorted(keys) == sorted([members['with-instances']['id'], few['id']])
+    described = {}
+    for call in calls:
+        if call['action'] == 'DescribeInstances':
+            described.setdefault(call['access_key'], set()).add(call['region'])
+    regions_of = {proxy.issued[key].split(':')[4]: regions for key, regions in described.items()}
+    assert regions_of[few['id']] == set(REGIONS)
+    assert len(regions_of[members['with-instances']['id']]) > len(REGIONS)
+    points = by_account(sink)
+    assert len(points[members['with-instances']['id']]) == 3 and len(points[few['id']]) == 1
+    keys.clear()
+    core.Runner(ec2.DataCollector(account, {'regions': ['*']}), force=True).run()
+    assert keys == {}
+
+
+@pytest.mark.parametrize('collector', [ec2.DataCollector, cw.DataCollector])
+def test_a_member_whose_regions_cannot_be_looked_up_is_one_line(aws, org, sink, caplog, collector):
+    from servers import ec2_error
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    few = members['external-id']
+    proxy = org['proxy']
+    judge = proxy.rule
+    proxy.rule = lambda request: (
+        ('status', 403, ec2_error('UnauthorizedOperation', 'You are not authorized to perform this operation.'))
+        if request['action'] == 'DescribeRegions' and f":{few['id']}:" in proxy.issued.get(request['access_key'], '')
+        else judge(request))
+    account = org_account(org, member_accounts=[members['with-instances']['id'], few['id']])
+    with aws.recording() as calls:
+        with pytest.raises(core.RunFailed) as failed:
+            core.Runner(collector(account, {'regions': ['*']}), force=True).run()
+    assert str(failed.value).endswith(f"1 account(s) failed: {few['id']}")
+    lines = failure_lines(caplog)
+    assert len(lines) == 1 and f"account {few['id']} FAILED: regions ['*']: " \
+        'ec2:DescribeRegions: UnauthorizedOperation' in lines[0], lines
+    service = 'ec2' if collector is ec2.DataCollector else 'monitoring'
+    used = {proxy.issued.get(c['access_key'], '').split(':')[4] for c in calls
+            if c['service'] == service and c['action'] != 'DescribeRegions'}
+    assert used == {members['with-instances']['id']}
