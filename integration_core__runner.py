@@ -85,10 +85,14 @@ class RunFailed(Exception):
 
 
 class DataKitError(Exception):
-    """DataKit answered an error, or could not be reached (status None)."""
+    """DataKit answered an error, or could not be reached (status None), or
+    did not answer in time (status None, timed_out: it may have taken the
+    batch, which is then sent again: a point is written twice, never lost)."""
 
-    def __init__(self, status, message):
-        super().__init__(f'DataKit {"HTTP " + str(status) if status else "unreachable"}: {message}')
+    def __init__(self, status, message, timed_out=False):
+        what = f'HTTP {status}' if status else 'did not answer in time' if timed_out else 'unreachable'
+        super().__init__(f'DataKit {what}: {message}')
+        self.timed_out = timed_out
         self.status = status
         self.body = message
 

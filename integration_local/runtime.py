@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -257,7 +258,9 @@ class DataKitClient:
                 retry_after = e.headers.get('Retry-After')
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, 'reason', e)
-                error = DataKitError(None, f'{self.url}: {reason}')
+                timed_out = isinstance(reason, (socket.timeout, TimeoutError))
+                error = DataKitError(None, f'{self.url}: ' + (
+                    f'no answer within {self.timeout:g} s' if timed_out else str(reason)), timed_out)
             if attempt < self.attempts:
                 delay = _backoff(attempt, retry_after)
                 LOG.warning('[DataKit] %s; retry %d/%d in %.1f s', error, attempt,

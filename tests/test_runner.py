@@ -244,12 +244,16 @@ def test_while_datakit_is_down_the_spool_keeps_one_snapshot_per_collector(monkey
                                    + ['c-0'])
 
 
-def test_slow_datakit_is_retried_after_a_timeout(monkeypatch, receiver):
+def test_slow_datakit_is_retried_after_a_timeout(monkeypatch, receiver, caplog):
     receiver.script = [('slow', 2)]
     client = local_runtime.DataKitClient(receiver.url, timeout=0.5, sleep=no_wait)
     status, _ = client.write_by_category_many('custom_object', [
         {'measurement': 'm', 'tags': {'name': 'slow'}, 'fields': {'f': 1}}])
     assert status == 200 and receiver.attempts == 2
+    # Said as it is: DataKit was reached, and may have taken the batch.
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert line.startswith(f'[DataKit] DataKit did not answer in time: {receiver.url}: no answer '
+                           'within 0.5 s; retry 1/3 in ')
 
 
 def test_debug_collects_but_writes_nothing(local, receiver, tmp_path):
