@@ -2173,8 +2173,9 @@ class CollectorAccount:
                     self._forget_refusal()      # check found the role there: runs ask again now
                 continue
             line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
-            member.session = None       # not collected: never marked fresh, nor kept
-            if is_management(member.account_id):
+            # A session made, the failure came after the role (its regions' lookup).
+            opened, member.session = member.session is not None, None   # never marked fresh, nor kept
+            if not opened and is_management(member.account_id):
                 # The management account is included only when the role exists there.
                 member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
                 if getattr(outcome, 'code', None) == 'AccessDenied':

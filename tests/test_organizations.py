@@ -915,3 +915,27 @@ def test_a_member_whose_regions_cannot_be_looked_up_is_one_line(aws, org, sink, 
     used = {proxy.issued.get(c['access_key'], '').split(':')[4] for c in calls
             if c['service'] == service and c['action'] != 'DescribeRegions'}
     assert used == {members['with-instances']['id']}
+
+
+def test_the_management_account_whose_regions_cannot_be_looked_up_fails(aws, org, sink, caplog):
+    """Skipped as "the management account" is only a refused role; its role
+    assumed, a failure after it (its regions' lookup) is a failure."""
+    from servers import ec2_error
+    caplog.set_level('INFO', logger='integration')
+    proxy = org['proxy']
+    judge = proxy.rule
+    proxy.rule = lambda request: (
+        ('status', 403, ec2_error('UnauthorizedOperation', 'You are not authorized to perform this operation.'))
+        if request['action'] == 'DescribeRegions' and ':123456789012:' in proxy.issued.get(request['access_key'], '')
+        else judge(request))
+    aws.enforce(False)
+    try:        # every account but these two (other tests may have added some)
+        others = [a['Id'] for a in aws.client('organizations', 'us-east-1').list_accounts()['Accounts']
+                  if a['Id'] not in ('123456789012', org['members']['external-id']['id'])]
+    finally:
+        aws.enforce()
+    with pytest.raises(core.RunFailed) as failed:
+        core.Runner(ec2.DataCollector(org_account(org, exclude_accounts=others), {'regions': ['*']}),
+                    force=True).run()
+    assert str(failed.value).endswith('1 account(s) failed: 123456789012')
+    assert not [r for r in caplog.records if 'skipped: the management account' in r.getMessage()]
