@@ -2031,6 +2031,8 @@ class CollectorAccount:
 
     def _enabled_regions(self, session, config):
         client = session.client('ec2', region_name=session.region_name, config=config)
+        if self._watch is not None:         # a member's, on an opener's thread: ends with the run
+            client = self._watch(client)
         try:
             resp = client.describe_regions(AllRegions=False)
         except (ClientError, BotoCoreError) as e:

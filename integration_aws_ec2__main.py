@@ -169,8 +169,16 @@ class DataCollector(auth.AwsCollector):
         def ready(member):
             """Start the member's regions, as soon as it has a session."""
             organization = self.aws.organization
-            # regions ['*'] over an Organization: the member's own enabled ones.
-            mine = self.aws.member_regions(member, regions, config)
+            # regions ['*'] over an Organization: the member's own enabled ones
+            # (DescribeRegions, a request in flight like the others).
+            mine = regions
+            if mine is None:
+                if not _acquire(run['inflight'], stop):
+                    raise core.Cancelled('the run ended before this account was started')
+                try:
+                    mine = self.aws.member_regions(member, regions, config)
+                finally:
+                    run['inflight'].release()
             with run['lock']:
                 for region in mine:
                     result = _new_result(region, member if organization else None)

@@ -387,7 +387,10 @@ class ObjectLinks:
         self.sources = [c for c in collectors if c.category in OBJECT_CATEGORIES]
         self.objects = {}
         self.fresh = False
-        self.key = 'integration_core:objects:' + fingerprint(sorted(c.state_key for c in self.sources))
+        # Keyed as the skip rule is (freshness_key: not the accounts an
+        # Organization selects, whose edit must not lose the map).
+        self.key = 'integration_core:objects:' + fingerprint(sorted(
+            getattr(c, 'freshness_key', None) or c.state_key for c in self.sources))
         if self.linkers and self.sources:
             first_linker = min(collectors.index(c) for c in self.linkers)
             last_source = max(collectors.index(c) for c in self.sources)
@@ -415,17 +418,24 @@ class ObjectLinks:
                 self.objects[name] = {k: v for k, v in tags.items() if k != 'name'}
 
     def after(self, collector):
-        """An object collector ran: its map is the newest of the regions (of
-        the accounts) it collected in full. Of the others, failed or not
-        collected this run (an Organization's accounts collected minutes
-        ago), the last map's objects stay: their metrics keep their tags."""
+        """An object collector ran: its map is the newest. Of what it did not
+        collect this run, its failed regions and accounts and an
+        Organization's accounts skipped (collected minutes ago), the last
+        map's objects stay, so that their metrics keep their tags; the rest
+        of the last map (regions and accounts no longer collected) goes."""
         if not self.linkers or collector not in self.sources:
             return
         results = getattr(collector, 'results', None)
         if results is not None:
-            complete = {(r.get('account'), r.get('region')) for r in results if not r.get('error')}
+            accounts = getattr(collector, 'accounts', lambda: [])()
+            several = bool(accounts) or any(r.get('account') for r in results)
+            unread_regions = {(r.get('account'), r.get('region')) for r in results if r.get('error')}
+            unread_accounts = {a['account_id'] for a in accounts if a.get('error') or a.get('skipped')}
             for name, tags in self._last().items():
-                if name not in self.objects and (tags.get('AccountId'), tags.get('RegionId')) not in complete:
+                # One account's AccountId may be an extra tag: not the account's.
+                account = tags.get('AccountId') if several else None
+                if name not in self.objects and (account in unread_accounts or
+                                                 (account, tags.get('RegionId')) in unread_regions):
                     self.objects[name] = tags
         self.fresh = True
         try:

@@ -258,7 +258,10 @@ class DataKitClient:
                 retry_after = e.headers.get('Retry-After')
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, 'reason', e)
-                timed_out = isinstance(reason, (socket.timeout, TimeoutError))
+                # Reached, and no answer in time (urllib wraps a timeout before
+                # the request was sent, the connect's, in URLError: unreachable).
+                timed_out = (not isinstance(e, urllib.error.URLError)
+                             and isinstance(e, (socket.timeout, TimeoutError)))
                 error = DataKitError(None, f'{self.url}: ' + (
                     f'no answer within {self.timeout:g} s' if timed_out else str(reason)), timed_out)
             if attempt < self.attempts:

@@ -939,3 +939,77 @@ def test_the_management_account_whose_regions_cannot_be_looked_up_fails(aws, org
                     force=True).run()
     assert str(failed.value).endswith('1 account(s) failed: 123456789012')
     assert not [r for r in caplog.records if 'skipped: the management account' in r.getMessage()]
+
+
+def test_metrics_keep_the_skipped_accounts_tags_after_the_selection_is_edited(aws, org, sink):
+    """The instance map is keyed as the skip rule is: excluding one more
+    account 2 minutes later (the others skipped as fresh) must not leave the
+    metrics without their instances' tags."""
+    import datetime
+    wanted = org['members']['with-instances']
+    instance = wanted['instances']['us-east-1'][0]
+    now = [float(int(time.time()) // 300 * 300 + 17)]
+    aws.enforce(False)
+    try:
+        aws.client('cloudwatch', 'us-east-1', member_creds(aws, wanted['id'])).put_metric_data(
+            Namespace='AWS/EC2', MetricData=[{
+                'MetricName': 'CPUUtilization', 'Dimensions': [{'Name': 'InstanceId', 'Value': instance}],
+                'Timestamp': datetime.datetime.fromtimestamp(now[0] - 600 - 250 + 300 * k, datetime.timezone.utc),
+                'Value': 42.0} for k in range(2)])
+    finally:
+        aws.enforce()
+
+    def run(**selection):
+        account = org_account(org, **selection)
+        sink.points.clear()
+        core.Runner([ec2.DataCollector(account, {'regions': REGIONS}),
+                     cw.DataCollector(account, {'regions': REGIONS}, now=lambda: now[0])],
+                    clock=lambda: now[0]).run()
+        return [p for p in sink.metrics() if p['tags']['InstanceId'] == instance]
+    first = run(member_accounts=[wanted['id'], org['members']['external-id']['id']])
+    assert first and first[0]['tags']['InstanceType']
+    now[0] += 300
+    later = run(member_accounts=[wanted['id']])
+    assert later and all(p['tags'].get('InstanceType') == first[0]['tags']['InstanceType'] for p in later)
+
+
+def test_a_members_regions_lookup_ends_with_the_run(aws, org, sink):
+    """regions ['*']: a member's DescribeRegions that hangs is cut off when
+    the task's timeout ends the run, like every other call."""
+    import integration_local.cli as local_cli
+    proxy = org['proxy']
+    judge = proxy.rule
+    member = org['members']['external-id']['id']
+    proxy.rule = lambda request: (('delay', 20) if request['action'] == 'DescribeRegions'
+                                  and f':{member}:' in proxy.issued.get(request['access_key'], '')
+                                  else judge(request))
+    account = org_account(org, member_accounts=[member])
+    api = {'title': 'org', 'name': 'run', 'timeout': 2,
+           'func': lambda: core.Runner(ec2.DataCollector(account, {'regions': ['*']}), force=True).run()}
+    started = time.monotonic()
+    assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+    assert time.monotonic() - started < 5
+    assert our_threads_left(3) == []
+
+
+def test_the_members_regions_lookups_count_in_concurrency(aws, org, sink, no_kept_sessions):
+    proxy = org['proxy']
+    judge = proxy.rule
+    few = ''.join(f'<item><regionName>{r}</regionName><regionEndpoint>ec2.{r}.amazonaws.com</regionEndpoint>'
+                  '<optInStatus>opt-in-not-required</optInStatus></item>' for r in REGIONS)
+    spans = slowed(proxy, ('AssumeRole', 'DescribeInstances'), 0.2)
+    held = proxy._forward
+
+    def answer(method, path, headers, body):
+        if b'Action=DescribeRegions' not in body:
+            return held(method, path, headers, body)
+        start = time.monotonic()        # each member's two regions, after 0.2 s
+        time.sleep(0.2)
+        spans.append((start, time.monotonic(), 'DescribeRegions', None))
+        return 200, {'Content-Type': 'text/xml'}, REGIONS_XML.format(few).encode()
+    proxy._forward = answer
+    members = org['members']
+    account = org_account(org, member_accounts=[members['with-instances']['id'], members['external-id']['id']])
+    core.Runner(ec2.DataCollector(account, {'regions': ['*'], 'concurrency': 1}), force=True).run()
+    assert [action for _, _, action, _ in spans].count('DescribeRegions') == 2
+    assert most_at_once(spans) == 1, sorted(spans)

@@ -835,5 +835,34 @@ def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
     assert run(everything, [{'account': a, 'region': r, 'error': None}
                             for a, r in (('A', 'r1'), ('A', 'r2'), ('B', 'r1'))]) == ['i-a1', 'i-a2', 'i-b1']
     # B skipped (collected minutes ago), A's r2 failed, i-a1 terminated: A r1 is this run's.
+    Source.accounts = lambda self: [{'account_id': 'A'}, {'account_id': 'B', 'skipped': 'fresh'}]
     assert run([], [{'account': 'A', 'region': 'r1', 'error': None},
                     {'account': 'A', 'region': 'r2', 'error': 'denied'}]) == ['i-a2', 'i-b1']
+    # B gone from the Organization, A collected in full: only this run's.
+    Source.accounts = lambda self: [{'account_id': 'A'}]
+    assert run([instance('i-a3', 'A', 'r1')], [{'account': 'A', 'region': 'r1', 'error': None},
+                                               {'account': 'A', 'region': 'r2', 'error': None}]) == ['i-a3']
+    # One account (no accounts(), results without one) whose AccountId is an
+    # extra tag: a region collected in full is this run's.
+    del Source.accounts
+    assert run([instance('i-c1', 'X', 'r1')], [{'region': 'r1', 'error': None}]) == ['i-c1']
+    assert run([], [{'region': 'r1', 'error': 'denied'}]) == ['i-c1']
+    assert run([], [{'region': 'r1', 'error': None}]) == []
+
+
+def test_a_datakit_that_cannot_be_reached_in_time_is_unreachable_one_that_does_not_answer_is_slow(
+        monkeypatch, caplog):
+    import socket
+    import urllib.error
+    client = local_runtime.DataKitClient('http://127.0.0.1:9', timeout=1, attempts=1, sleep=no_wait)
+    point = {'measurement': 'm', 'tags': {'name': 'x'}, 'fields': {'f': 1}}
+    for raised, said in ((urllib.error.URLError(socket.timeout('timed out')), 'DataKit unreachable: '
+                          'http://127.0.0.1:9: timed out'),
+                         (TimeoutError('timed out'), 'DataKit did not answer in time: '
+                          'http://127.0.0.1:9: no answer within 1 s')):
+        def fail(*args, **kwargs):
+            raise raised
+        monkeypatch.setattr(local_runtime._NO_REDIRECTS, 'open', fail)
+        with pytest.raises(core.DataKitError) as info:
+            client.write_by_category_many('custom_object', [point])
+        assert str(info.value) == said
