@@ -2464,6 +2464,14 @@ def check_accounts(aws, config, service, probe, explain):
     when not; an account whose role cannot be assumed is one row."""
     stop = core.Cancellation()
     pool = core.Workers(4, 'check')
+    try:        # one cancellation for the whole check (the members' regions lookups too)
+        return _check_rows(aws, config, service, probe, explain, stop, pool)
+    finally:
+        stop.cancel()
+        pool.stop(core.STOP_GRACE)
+
+
+def _check_rows(aws, config, service, probe, explain, stop, pool):
     try:
         # The accounts' listing or the regions' lookup refused: its own row
         # (a check is where a user looks for that), not a traceback.
@@ -2473,9 +2481,6 @@ def check_accounts(aws, config, service, probe, explain):
         regions = aws.resolve_regions(config)
     except AuthError as e:
         return [{'region': what, 'ok': False, 'reason': str(e)}]
-    finally:
-        stop.cancel()
-        pool.stop(core.STOP_GRACE)
     rows = []
     for member in members:
         prefix = f'{member.account_id} ' if aws.organization else ''

@@ -181,8 +181,8 @@ class Runner:
             delivery.resend_spool()
         summary = {'points_written': 0, 'points_collected': 0, 'collectors': []}
         force = self.force if self.force is not None else force_requested(dff)
-        links = ObjectLinks(self.collectors, dff)
         started_at = self._started_at()
+        links = ObjectLinks(self.collectors, dff, now=started_at)
         for number, collector in enumerate(self.collectors, 1):
             summary['collectors'].append(
                 self._run_collector(number, collector, dff, delivery, force, links, started_at))
@@ -378,19 +378,27 @@ class ObjectLinks:
 
     Object collectors skip most runs (15 minutes) while metric collectors run
     every few minutes, so the last map is kept in DFF.CACHE for LINK_TTL and
-    used by the runs in between. The key is the object collectors' own state
-    keys: the map of this startup script's estate, nobody else's."""
+    used by the runs in between. The key is the object collectors' own
+    (freshness) keys: the map of this startup script's estate, shared by the
+    scripts that split one Organization's accounts between them. Each object
+    is kept with the collector that saw it and when: a collector's run renews
+    its objects of the regions it read in full (one it no longer lists there
+    is gone), keeps the others (its failed regions, its accounts skipped or
+    failed, other collectors' and scripts' objects), and an object nobody
+    saw for LINK_TTL goes (an account suspended or gone)."""
 
-    def __init__(self, collectors, dff):
+    def __init__(self, collectors, dff, now=None):
         self.dff = dff
+        self.now = time.time() if now is None else now
         self.linkers = [c for c in collectors if callable(getattr(c, 'link_objects', None))]
         self.sources = [c for c in collectors if c.category in OBJECT_CATEGORIES]
         self.objects = {}
+        self.seen = {}          # name -> [the source's key, when it saw it]
         self.fresh = False
         # Keyed as the skip rule is (freshness_key: not the accounts an
         # Organization selects, whose edit must not lose the map).
         self.key = 'integration_core:objects:' + fingerprint(sorted(
-            getattr(c, 'freshness_key', None) or c.state_key for c in self.sources))
+            _source_key(c) for c in self.sources))
         if self.linkers and self.sources:
             first_linker = min(collectors.index(c) for c in self.linkers)
             last_source = max(collectors.index(c) for c in self.sources)
@@ -404,11 +412,17 @@ class ObjectLinks:
         if collector not in self.linkers:
             return
         if not self.fresh and self.sources:
-            self.objects = self._last()
+            self.objects, self.seen = self._last()
         collector.link_objects(dict(self.objects))
 
     def _last(self):
-        return _unpack_objects(unpack_json(cache_get(self.dff.CACHE, self.key)))
+        """The map as last kept (this run's other collectors' included): objects
+        seen within LINK_TTL."""
+        objects, seen = _unpack_objects(unpack_json(cache_get(self.dff.CACHE, self.key)))
+        old = [name for name, (_, at) in seen.items() if self.now - at > LINK_TTL]
+        for name in old:
+            del objects[name], seen[name]
+        return objects, seen
 
     def note(self, collector, point):
         if self.linkers and collector in self.sources:
@@ -416,48 +430,67 @@ class ObjectLinks:
             name = tags.get('name')
             if name:
                 self.objects[name] = {k: v for k, v in tags.items() if k != 'name'}
+                self.seen[name] = [_source_key(collector), self.now]
 
     def after(self, collector):
-        """An object collector ran: its map is the newest. Of what it did not
-        collect this run, its failed regions and accounts and an
-        Organization's accounts skipped (collected minutes ago), the last
-        map's objects stay, so that their metrics keep their tags; the rest
-        of the last map (regions and accounts no longer collected) goes."""
+        """An object collector ran: the map keeps its objects of this run, and
+        of the last map those it did not read again in full this run."""
         if not self.linkers or collector not in self.sources:
             return
+        source = _source_key(collector)
         results = getattr(collector, 'results', None)
+        read = None         # (account, region) read in full; None: all of the collector's
+        several = False
         if results is not None:
-            accounts = getattr(collector, 'accounts', lambda: [])()
-            several = bool(accounts) or any(r.get('account') for r in results)
-            unread_regions = {(r.get('account'), r.get('region')) for r in results if r.get('error')}
-            unread_accounts = {a['account_id'] for a in accounts if a.get('error') or a.get('skipped')}
-            for name, tags in self._last().items():
-                # One account's AccountId may be an extra tag: not the account's.
-                account = tags.get('AccountId') if several else None
-                if name not in self.objects and (account in unread_accounts or
-                                                 (account, tags.get('RegionId')) in unread_regions):
-                    self.objects[name] = tags
+            several = bool(getattr(collector, 'accounts', lambda: [])()) or any(
+                r.get('account') for r in results)
+            read = {(r.get('account'), r.get('region')) for r in results if not r.get('error')}
+        objects, seen = self._last()
+        for name, tags in objects.items():
+            if name in self.objects:
+                continue
+            # A map of the version before has no `seen`: its objects count
+            # as this collector's, seen now.
+            by, at = seen.get(name) or (source, self.now)
+            # One account's AccountId may be an extra tag: not the account's.
+            where = (tags.get('AccountId') if several else None, tags.get('RegionId'))
+            if by == source and (read is None or where in read):
+                continue        # read again in full without it: gone
+            self.objects[name], self.seen[name] = tags, [by, at]
         self.fresh = True
         try:
-            self.dff.CACHE.set(self.key, pack_json(_pack_objects(self.objects)), expires=LINK_TTL)
+            self.dff.CACHE.set(self.key, pack_json(_pack_objects(self.objects, self.seen)),
+                               expires=LINK_TTL)
         except Exception as e:
             LOG.warning('[Runner] cannot keep the object tags for the next metric runs: %s',
                         _one_line(e))
 
 
-def _pack_objects(objects):
-    """{name: tags} as {'keys': [tag keys], 'rows': {name: [values]}}."""
+def _source_key(collector):
+    return getattr(collector, 'freshness_key', None) or collector.state_key
+
+
+def _pack_objects(objects, seen=None):
+    """{name: tags} as {'keys': [tag keys], 'rows': {name: [values]}, 'seen':
+    {name: [source key's fingerprint, time]}}."""
     keys = sorted({k for tags in objects.values() for k in tags})
-    return {'keys': keys, 'rows': {name: [tags.get(k) for k in keys] for name, tags in objects.items()}}
+    packed = {'keys': keys, 'rows': {name: [tags.get(k) for k in keys] for name, tags in objects.items()}}
+    if seen is not None:
+        packed['seen'] = {name: seen[name] for name in objects if name in seen}
+    return packed
 
 
 def _unpack_objects(packed):
+    """(objects, seen) of _pack_objects; ({}, {}) for anything else."""
     try:
         keys = packed['keys']
-        return {name: {k: v for k, v in zip(keys, values) if v is not None}
-                for name, values in packed['rows'].items()}
-    except (TypeError, KeyError, AttributeError):
-        return {}
+        objects = {name: {k: v for k, v in zip(keys, values) if v is not None}
+                   for name, values in packed['rows'].items()}
+        seen = {name: [str(by), float(at)] for name, (by, at) in (packed.get('seen') or {}).items()
+                if name in objects}
+        return objects, seen
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return {}, {}
 
 
 def cache_get(cache, key):
@@ -1655,6 +1688,9 @@ class Workers:
             func, args, group = task
             try:
                 func(*args)
+            except Exception as e:  # a task's own bug: said, and the pool goes on with the rest
+                LOG.error('[%s] a task failed: %s', self._name, _one_line(e))
+                LOG.debug('task traceback:\n%s', traceback.format_exc())
             finally:
                 if group is not None:
                     self._next_of(group)

@@ -1013,3 +1013,16 @@ def test_the_members_regions_lookups_count_in_concurrency(aws, org, sink, no_kep
     core.Runner(ec2.DataCollector(account, {'regions': ['*'], 'concurrency': 1}), force=True).run()
     assert [action for _, _, action, _ in spans].count('DescribeRegions') == 2
     assert most_at_once(spans) == 1, sorted(spans)
+
+
+@pytest.mark.parametrize('collector', [ec2.DataCollector, cw.DataCollector])
+def test_check_of_every_region_has_each_members_own(aws, org, collector):
+    proxy = org['proxy']
+    judge = proxy.rule
+    few = ''.join(f'<item><regionName>{r}</regionName><regionEndpoint>ec2.{r}.amazonaws.com</regionEndpoint>'
+                  '<optInStatus>opt-in-not-required</optInStatus></item>' for r in REGIONS)
+    proxy.rule = lambda request: (('status', 200, REGIONS_XML.format(few))
+                                  if request['action'] == 'DescribeRegions' else judge(request))
+    wanted = org['members']['with-instances']['id']
+    rows = collector(org_account(org, member_accounts=[wanted]), {'regions': ['*']}).check()
+    assert [(row['region'], row['ok']) for row in rows] == [(f'{wanted} {r}', True) for r in REGIONS], rows

@@ -803,14 +803,20 @@ def test_tag_values_keep_their_rules():
 def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
     """An Organization's run within 15 minutes collects only some accounts,
     and a region may fail: the metrics of the others keep the last map's tags;
-    the accounts and regions collected in full have this run's (an instance
-    gone from them is gone from the map)."""
+    the regions a collector read in full have this run's (an instance gone
+    from them is gone from the map); another collector's objects (another
+    script of the same Organization, another account) are not its to drop;
+    an object nobody saw for LINK_TTL goes."""
     class Dff:
         CACHE = local_runtime.FileCache(str(tmp_path))
 
     class Source:
         category = 'custom_object'
-        state_key = 'ec2'
+
+        def __init__(self, key, results, accounts=None):
+            self.state_key, self.results = key, results
+            if accounts is not None:
+                self.accounts = lambda: accounts
 
     class Linker:
         category = 'metric'
@@ -820,34 +826,51 @@ def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
             self.objects = objects
 
     def instance(name, account, region):
-        return {'tags': {'name': name, 'AccountId': account, 'RegionId': region, 'InstanceName': name}}
+        tags = {'name': name, 'RegionId': region, 'InstanceName': name}
+        return {'tags': dict(tags, AccountId=account) if account else tags}
 
-    def run(points, results):
-        source, linker = Source(), Linker()
-        source.results = results
-        links = core.ObjectLinks([source, linker], Dff)
-        for point in points:
-            links.note(source, point)
-        links.after(source)
+    def ok(account, region, error=None):
+        return {'account': account, 'region': region, 'error': error}
+
+    def run(now, *sources, script=None):
+        """sources: (Source, its points) that ran, of the script's (by default
+        those); the linker's map after them."""
+        linker = Linker()
+        links = core.ObjectLinks((script or [source for source, _ in sources]) + [linker], Dff, now=now)
+        for source, points in sources:
+            for point in points:
+                links.note(source, point)
+            links.after(source)
         links.before(linker)
         return sorted(linker.objects)
-    everything = [instance('i-a1', 'A', 'r1'), instance('i-a2', 'A', 'r2'), instance('i-b1', 'B', 'r1')]
-    assert run(everything, [{'account': a, 'region': r, 'error': None}
-                            for a, r in (('A', 'r1'), ('A', 'r2'), ('B', 'r1'))]) == ['i-a1', 'i-a2', 'i-b1']
+    t = 1_800_000_000
+    org = [instance('i-a1', 'A', 'r1'), instance('i-a2', 'A', 'r2'), instance('i-b1', 'B', 'r1')]
+    assert run(t, (Source('org', [ok('A', 'r1'), ok('A', 'r2'), ok('B', 'r1')]), org)) == ['i-a1', 'i-a2', 'i-b1']
     # B skipped (collected minutes ago), A's r2 failed, i-a1 terminated: A r1 is this run's.
-    Source.accounts = lambda self: [{'account_id': 'A'}, {'account_id': 'B', 'skipped': 'fresh'}]
-    assert run([], [{'account': 'A', 'region': 'r1', 'error': None},
-                    {'account': 'A', 'region': 'r2', 'error': 'denied'}]) == ['i-a2', 'i-b1']
-    # B gone from the Organization, A collected in full: only this run's.
-    Source.accounts = lambda self: [{'account_id': 'A'}]
-    assert run([instance('i-a3', 'A', 'r1')], [{'account': 'A', 'region': 'r1', 'error': None},
-                                               {'account': 'A', 'region': 'r2', 'error': None}]) == ['i-a3']
-    # One account (no accounts(), results without one) whose AccountId is an
-    # extra tag: a region collected in full is this run's.
-    del Source.accounts
-    assert run([instance('i-c1', 'X', 'r1')], [{'region': 'r1', 'error': None}]) == ['i-c1']
-    assert run([], [{'region': 'r1', 'error': 'denied'}]) == ['i-c1']
-    assert run([], [{'region': 'r1', 'error': None}]) == []
+    assert run(t + 300, (Source('org', [ok('A', 'r1'), ok('A', 'r2', 'denied')],
+                                [{'account_id': 'A'}, {'account_id': 'B', 'skipped': 'fresh'}]), [])) == ['i-a2', 'i-b1']
+    # Another script of the Organization (the same key: accounts split between
+    # scripts) reads only C: it keeps A's and B's objects.
+    assert run(t + 360, (Source('org', [ok('C', 'r1')], [{'account_id': 'C'}]),
+                         [instance('i-c1', 'C', 'r1')])) == ['i-a2', 'i-b1', 'i-c1']
+    # A read in full again: i-a2 is gone; B, suspended, not seen for an hour: gone too.
+    assert run(t + 3700, (Source('org', [ok('A', 'r1'), ok('A', 'r2')], [{'account_id': 'A'}]),
+                          [instance('i-a3', 'A', 'r1')])) == ['i-a3', 'i-c1']
+    # Two accounts' collectors in one script: one's run does not drop the
+    # other's objects, whose AccountId, an extra tag, decides nothing.
+    Dff.CACHE = local_runtime.FileCache(str(tmp_path / 'two'))
+    x, y = instance('i-x', 'X', 'r1'), instance('i-y', None, 'r1')
+
+    sx, sy = Source('x', None), Source('y', None)
+
+    def read(source, error=None):
+        source.results = [{'region': 'r1', 'error': error}]
+        return source
+    script = [sx, sy]
+    assert run(t, (read(sx), [x]), (read(sy), [y]), script=script) == ['i-x', 'i-y']
+    assert run(t + 300, (read(sy), []), script=script) == ['i-x']
+    assert run(t + 600, (read(sx, 'denied'), []), script=script) == ['i-x']
+    assert run(t + 900, (read(sx), []), script=script) == []
 
 
 def test_a_datakit_that_cannot_be_reached_in_time_is_unreachable_one_that_does_not_answer_is_slow(
@@ -866,3 +889,22 @@ def test_a_datakit_that_cannot_be_reached_in_time_is_unreachable_one_that_does_n
         with pytest.raises(core.DataKitError) as info:
             client.write_by_category_many('custom_object', [point])
         assert str(info.value) == said
+
+
+def test_a_task_that_raises_leaves_the_pool_working(caplog):
+    import threading
+    pool = core.Workers(1, 'test', share=1)
+    ran, done = [], threading.Event()
+
+    def fail():
+        raise ValueError('a bug')
+    try:
+        pool.submit(fail, group='a')
+        pool.submit(ran.append, 'a2', group='a')
+        pool.submit(ran.append, 'b1', group='b')
+        pool.submit(done.set)
+        assert done.wait(5)
+    finally:
+        pool.stop(5)
+    assert sorted(ran) == ['a2', 'b1']
+    assert '[test] a task failed: ValueError: a bug' in caplog.text
