@@ -753,7 +753,29 @@ def _check_targets(targets, where):
                     'dimensions': frozenset(dims) if dims is not None else None,
                     'link': dims[0] if dims is not None and len(dims) == 1 else None,
                     'given': {k: target[k] for k in TARGET_KEYS if k in target}})
+    _check_narrowing(out, where)
     return out
+
+
+def _check_narrowing(targets, where):
+    """Targets of one namespace narrow one another and a series has one set
+    of dimension names: two different exact sets would keep nothing, in
+    silence (a user who meant "either" would get no point)."""
+    first = {}
+    for index, target in enumerate(targets):
+        dims = target['dimensions']
+        if dims is None:
+            continue
+        earlier, earlier_dims = first.setdefault(target['namespace'], (index, dims))
+        if earlier_dims != dims:
+            def shown(i, d):
+                return f"{sorted(d)}" + ('' if 'dimensions' in targets[i]['given'] else
+                                         f" (the default for {targets[i]['namespace']})")
+            raise core.ConfigError(
+                f"{where}[{index}] keeps the series with the dimensions {shown(index, dims)} and "
+                f"{where}[{earlier}] those with {shown(earlier, earlier_dims)}: targets of one "
+                'namespace narrow one another (a series must pass each), so together they keep '
+                "nothing; give them the same 'dimensions', or 'ALL' to one of them")
 
 
 def _check_metrics(metrics, where):

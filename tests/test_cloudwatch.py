@@ -79,6 +79,14 @@ BAD = [
      "collector_configs['targets'][0]['dimensions'][1] 'InstanceId ' has a space at its start or end"),
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'aws/ec2'}]},
      "collector_configs['targets'][0]['namespace'] 'aws/ec2' matches no metric: CloudWatch namespaces are case-sensitive; did you mean 'AWS/EC2'?"),
+    # Two exact dimension sets in one namespace narrow one another to nothing.
+    ({'regions': ['us-east-1'], 'targets': [
+        {'namespace': 'AWS/EC2', 'metrics': ['CPUUtilization']},
+        {'namespace': 'AWS/EC2', 'metrics': ['CPUUtilization'], 'dimensions': ['AutoScalingGroupName']}]},
+     "collector_configs['targets'][1] keeps the series with the dimensions ['AutoScalingGroupName'] and "
+     "collector_configs['targets'][0] those with ['InstanceId'] (the default for AWS/EC2): targets of one "
+     'namespace narrow one another (a series must pass each), so together they keep nothing; give them '
+     "the same 'dimensions', or 'ALL' to one of them"),
     ({'regions': ['us-east-1'], 'targets': [{'namespace': 'AWS\uff0fEC2'}]},
      "collector_configs['targets'][0]['namespace'] must be a CloudWatch namespace such as 'AWS/EC2' "
      "(got 'AWS\uff0fEC2')"),
