@@ -154,6 +154,7 @@ class DataCollector(auth.AwsCollector):
             'gc': _relax_gc(),
             'clients': [],      # given back for the next run once this one is over
             'done': 0,          # regions ended
+            'ended': set(),     # of them, by id (see _finish)
             'early': [],        # points made while identity() waits for the accounts
             'lock': threading.Lock(),   # ready() runs on the openers' threads
         }
@@ -325,6 +326,7 @@ class DataCollector(auth.AwsCollector):
                                if stop.is_set() else explain_error(e, result['region']))
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
+            run['ended'].add(id(result))
             pages.put(('done', result, None))
 
     def _describe_page(self, client, params, result, run):
@@ -525,6 +527,12 @@ def _finish(run):
     if run.get('openers') is not None:
         run['openers'].stop(core.STOP_GRACE)
     gc.set_threshold(*run['gc'])
+    # A region the run ended before (never started, or still running after
+    # the grace) is not a region read, nor one with nothing in it.
+    with run['lock']:
+        for result in run['regions']:
+            if id(result) not in run['ended'] and not result['error']:
+                result['error'] = 'stopped: the run ended before this region was collected'
 
 
 def _acquire(slots, stop):

@@ -255,6 +255,7 @@ class Runner:
         started = time.monotonic()
         failed_before = delivery.failed_points if delivery else 0
         batch = []
+        stopped = False
         points = collector.collect()
         try:
             for point in points:
@@ -267,6 +268,7 @@ class Runner:
             self._write(delivery, collector.category, batch, state_key)
         except Exception as e:
             LOG.debug('collector traceback:\n%s', traceback.format_exc())
+            stopped = True
             self._write(delivery, collector.category, batch, state_key)
             _fail(status, label, f'collection stopped: {_one_line(e)}')
         finally:
@@ -318,7 +320,7 @@ class Runner:
                     fresh.mark(account)
             elif status['status'] == 'ok':
                 fresh.mark()
-        links.after(collector)
+        links.after(collector, stopped=stopped)
         return status
 
     @staticmethod
@@ -394,6 +396,7 @@ class ObjectLinks:
         self.sources = [c for c in collectors if c.category in OBJECT_CATEGORIES]
         self.objects = {}
         self.seen = {}          # name -> [the source's key, when it saw it]
+        self.noted = set()      # the names seen this run
         self.fresh = False
         # Keyed as the skip rule is (freshness_key: not the accounts an
         # Organization selects, whose edit must not lose the map).
@@ -417,11 +420,18 @@ class ObjectLinks:
 
     def _last(self):
         """The map as last kept (this run's other collectors' included): objects
-        seen within LINK_TTL."""
+        seen within LINK_TTL. A time ahead of this run's (a clock that was
+        ahead) counts as now; an object without one (the map of the version
+        before) as seen half that long ago, by no collector."""
         objects, seen = _unpack_objects(unpack_json(cache_get(self.dff.CACHE, self.key)))
-        old = [name for name, (_, at) in seen.items() if self.now - at > LINK_TTL]
-        for name in old:
-            del objects[name], seen[name]
+        for name in list(objects):
+            by, at = seen.get(name) or (None, self.now - LINK_TTL / 2)
+            at = min(at, self.now)
+            if self.now - at > LINK_TTL:
+                del objects[name]
+                seen.pop(name, None)
+            else:
+                seen[name] = [by, at]
         return objects, seen
 
     def note(self, collector, point):
@@ -431,31 +441,37 @@ class ObjectLinks:
             if name:
                 self.objects[name] = {k: v for k, v in tags.items() if k != 'name'}
                 self.seen[name] = [_source_key(collector), self.now]
+                self.noted.add(name)
 
-    def after(self, collector):
+    def after(self, collector, stopped=False):
         """An object collector ran: the map keeps its objects of this run, and
-        of the last map those it did not read again in full this run."""
+        of the last map those it did not read again in full this run (none,
+        when its collection `stopped` part-way)."""
         if not self.linkers or collector not in self.sources:
             return
         source = _source_key(collector)
         results = getattr(collector, 'results', None)
         read = None         # (account, region) read in full; None: all of the collector's
         several = False
-        if results is not None:
+        if stopped:
+            read = set()
+        elif results is not None:
             several = bool(getattr(collector, 'accounts', lambda: [])()) or any(
                 r.get('account') for r in results)
             read = {(r.get('account'), r.get('region')) for r in results if not r.get('error')}
         objects, seen = self._last()
         for name, tags in objects.items():
-            if name in self.objects:
-                continue
-            # A map of the version before has no `seen`: its objects count
-            # as this collector's, seen now.
-            by, at = seen.get(name) or (source, self.now)
+            if name in self.noted:
+                continue        # this run's
+            by, at = seen[name]
             # One account's AccountId may be an extra tag: not the account's.
             where = (tags.get('AccountId') if several else None, tags.get('RegionId'))
             if by == source and (read is None or where in read):
-                continue        # read again in full without it: gone
+                # Read again in full without it: gone (also from what an
+                # earlier collector's after() or before() brought in).
+                self.objects.pop(name, None)
+                self.seen.pop(name, None)
+                continue
             self.objects[name], self.seen[name] = tags, [by, at]
         self.fresh = True
         try:
@@ -488,7 +504,8 @@ def _unpack_objects(packed):
                    for name, values in packed['rows'].items()}
         seen = {name: [str(by), float(at)] for name, (by, at) in (packed.get('seen') or {}).items()
                 if name in objects}
-        return objects, seen
+        # A damaged time (NaN, infinite) counts as none.
+        return objects, {name: v for name, v in seen.items() if math.isfinite(v[1])}
     except (TypeError, KeyError, AttributeError, ValueError):
         return {}, {}
 

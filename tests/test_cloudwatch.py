@@ -705,3 +705,47 @@ def test_metrics_keep_their_instances_tags_when_another_ec2_region_fails(aws, us
         assert tags[west]['InstanceName'].startswith('west-') and tags[west]['RegionId'] == 'us-west-2'
     finally:
         proxy.stop()
+
+
+def test_a_collection_stopped_part_way_keeps_the_instances_it_did_not_read(aws, user, sink, monkeypatch):
+    """A hook's bug stops EC2 after its first point, the other regions not
+    read: they are failed regions (not regions of 0 instances), and their
+    instances stay in the map for the metrics."""
+    from servers import FaultProxy
+    regions = ['us-east-1', 'us-west-2', 'eu-west-1']
+    (first,) = aws.run_instances('us-east-1', 1, name=unique('first'))
+    (west,) = aws.run_instances('us-west-2', 1, name=unique('west'))
+    (europe,) = aws.run_instances('eu-west-1', 1, name=unique('eu'))
+    slow = set()
+    proxy = FaultProxy(aws.url, lambda r: ('delay', 3) if slow and r['action'] == 'DescribeInstances'
+                       and r['region'] != 'us-east-1' else None)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    account = account_of(user)
+    broken = set()
+
+    def after_collect(point):
+        return [point] if broken else point         # a bug: a list, not a point
+
+    def runner(now):
+        return core.Runner([ec2.DataCollector(account, {'regions': regions, 'concurrency': 1},
+                                              after_collect=after_collect),
+                            cw.DataCollector(account, {'regions': regions}, now=lambda: now)],
+                           clock=lambda: now, force=True)
+    try:
+        runner(NOW).run()
+        broken.add(1)
+        slow.add(1)
+        with pytest.raises(core.RunFailed) as failed:
+            runner(NOW + 900).run()
+    finally:
+        proxy.stop()
+    ec2_status = failed.value.summary['collectors'][0]
+    assert ec2_status['error'].startswith('collection stopped')
+    unread = [r for r in ec2_status['regions'] if r['region'] != 'us-east-1']
+    assert unread and all(r['error'] == 'stopped: the run ended before this region was collected'
+                          for r in unread)
+    links = core.ObjectLinks([ec2.DataCollector(account, {'regions': regions, 'concurrency': 1},
+                                                after_collect=after_collect),
+                              cw.DataCollector(account, {'regions': regions})], core.current_dff(), now=NOW + 900)
+    objects, _ = links._last()
+    assert {first, west, europe} <= set(objects)

@@ -908,3 +908,63 @@ def test_a_task_that_raises_leaves_the_pool_working(caplog):
         pool.stop(5)
     assert sorted(ran) == ['a2', 'b1']
     assert '[test] a task failed: ValueError: a bug' in caplog.text
+
+
+def test_object_links_edge_cases(tmp_path):
+    """Two collectors of one script each drop their own gone instances,
+    whatever their order; a metric collector placed first changes nothing; a
+    collection stopped part-way read nothing in full; a time from a clock
+    that was ahead, a damaged time and a map of the version before all
+    expire."""
+    class Dff:
+        CACHE = local_runtime.FileCache(str(tmp_path))
+
+    class Source:
+        category = 'custom_object'
+        title = 'objects'
+
+        def __init__(self, key):
+            self.state_key, self.results = key, [{'region': 'r1', 'error': None}]
+
+    class Linker:
+        category = 'metric'
+        title = 'metrics'
+        objects = None
+
+        def link_objects(self, objects):
+            self.objects = objects
+
+    def point(name):
+        return {'tags': {'name': name, 'RegionId': 'r1'}}
+    x, y, linker = Source('x'), Source('y'), Linker()
+
+    def run(now, ran, order=None, stopped=False):
+        links = core.ObjectLinks(order or [x, y, linker], Dff, now=now)
+        if order and order[0] is linker:
+            links.before(linker)
+        for source, names in ran:
+            for name in names:
+                links.note(source, point(name))
+            links.after(source, stopped=stopped)
+        links.before(linker)
+        return sorted(linker.objects)
+    t = 1_800_000_000
+    assert run(t, [(x, ['i-x']), (y, ['i-y'])]) == ['i-x', 'i-y']
+    assert run(t + 300, [(x, ['i-x']), (y, [])]) == ['i-x']          # y's gone, x ran first
+    assert run(t + 600, [(x, ['i-x']), (y, ['i-y'])]) == ['i-x', 'i-y']
+    assert run(t + 900, [(x, []), (y, ['i-y'])]) == ['i-y']          # x's gone, y ran last
+    assert run(t + 1200, [(x, ['i-x'])], order=[linker, x, y]) == ['i-x', 'i-y']
+    assert run(t + 1500, [(x, [])], order=[linker, x, y]) == ['i-y']
+    # Stopped part-way: nothing was read in full, nothing goes.
+    assert run(t + 1800, [(y, [])], stopped=True) == ['i-y']
+    # A clock a day ahead, then right again: an hour later, gone.
+    assert run(t + 86400, [(x, ['i-ahead'])]) == ['i-ahead']      # i-y not seen for a day
+    assert run(t + 2000, [(y, ['i-y'])]) == ['i-ahead', 'i-y']
+    assert run(t + 2000 + 3601, [(y, ['i-y'])]) == ['i-y']
+    # A damaged time, and the map of the version before (no times): gone
+    # within half an hour unless seen again.
+    key = core.ObjectLinks([x, y, linker], Dff).key
+    Dff.CACHE.set(key, core.pack_json({'keys': ['RegionId'], 'rows': {'i-old': ['r1'], 'i-nan': ['r1']},
+                                       'seen': {'i-nan': ['x', 'nan']}}), expires=3600)
+    assert run(t + 9000, [(y, ['i-y'])]) == ['i-nan', 'i-old', 'i-y']
+    assert run(t + 9000 + 1801, [(y, ['i-y'])]) == ['i-y']
