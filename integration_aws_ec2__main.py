@@ -82,6 +82,7 @@ EARLY_POINTS = 5000
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
+STOPPED = 'stopped: the run ended before this region was collected'
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
 # Extra hints for the region errors users meet most.
@@ -314,16 +315,19 @@ class DataCollector(auth.AwsCollector):
                 resp = None     # the consumer holds the page now; don't keep it alive
                 if not params['NextToken']:
                     break
+            else:               # the run ended before the region's last page
+                result['error'] = STOPPED
         except (ClientError, BotoCoreError, auth.AuthError) as e:
             if isinstance(e, ClientError):
                 result['api_calls'] += 1 + e.response.get('ResponseMetadata', {}).get('RetryAttempts', 0)
                 code = e.response.get('Error', {}).get('Code')
                 if code in auth.REFUSED_AT_USE_CODES:
                     result['refused'] = code
-            result['error'] = explain_error(e, result['region'])
+            # A connection the run's end shut down: said as such.
+            result['error'] = (STOPPED if stop.is_set() and not isinstance(e, ClientError)
+                               else explain_error(e, result['region']))
         except Exception as e:  # a bug must still be reported, not lost in a thread
-            result['error'] = ('stopped: the run ended before this region was collected'
-                               if stop.is_set() else explain_error(e, result['region']))
+            result['error'] = STOPPED if stop.is_set() else explain_error(e, result['region'])
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
             run['ended'].add(id(result))
@@ -532,7 +536,7 @@ def _finish(run):
     with run['lock']:
         for result in run['regions']:
             if id(result) not in run['ended'] and not result['error']:
-                result['error'] = 'stopped: the run ended before this region was collected'
+                result['error'] = STOPPED
 
 
 def _acquire(slots, stop):

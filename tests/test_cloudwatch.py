@@ -743,7 +743,7 @@ def test_a_collection_stopped_part_way_keeps_the_instances_it_did_not_read(aws, 
     assert ec2_status['error'].startswith('collection stopped')
     unread = [r for r in ec2_status['regions'] if r['region'] != 'us-east-1']
     assert unread and all(r['error'] == 'stopped: the run ended before this region was collected'
-                          for r in unread)
+                          for r in unread), [(r['region'], r['error']) for r in unread]
     links = core.ObjectLinks([ec2.DataCollector(account, {'regions': regions, 'concurrency': 1},
                                                 after_collect=after_collect),
                               cw.DataCollector(account, {'regions': regions})], core.current_dff(), now=NOW + 900)
