@@ -68,6 +68,7 @@ IAM permissions
 """
 import base64
 import collections
+import contextlib
 import copy
 import datetime
 import difflib
@@ -106,10 +107,9 @@ KNOWN_KEYS = (
     'serial_number', 'token_code', 'duration_seconds', 'extra_tags',
     'member_role_name', 'member_external_id', 'member_accounts', 'exclude_accounts',
 )
+# The keys that only select an Organization's accounts (see freshness_key).
 ACCOUNT_LIST_KEYS = ('member_accounts', 'exclude_accounts')
 SECRET_KEYS = ('ak_secret', 'token_code')
-# The keys that only select an Organization's accounts (see freshness_key).
-SELECTION_KEYS = ('member_accounts', 'exclude_accounts')
 DEFAULT_ROLE_SESSION_NAME = 'Integration'
 
 # AWS's documented limits (aws-facts.md, "STS limits"). ASCII only: AWS's
@@ -2288,17 +2288,11 @@ class CollectorAccount:
         return (self.clock or _utcnow)()
 
     def _open_member(self, member, ready=None, cancellation=None, bound=None):
-        if bound is not None:
-            while not bound.acquire(timeout=0.5):
-                if cancellation.is_set():
-                    raise core.Cancelled('the run ended before this account was opened')
-        try:
+        with (core.held(bound, cancellation, 'this account was opened') if bound is not None
+              else contextlib.nullcontext()):
             session = member_session(self.session(), self.account, member.account_id,
                                      cache=self.cache, clock=self.clock, watch=self._watch,
                                      operations=self.operations, text_timestamps=self.text_timestamps)
-        finally:
-            if bound is not None:
-                bound.release()
         member.identity = member_identity(self.account, member.account_id, self.partition)
         member.session = session
         if ready is not None:
@@ -2399,7 +2393,7 @@ class AwsCollector:
         Organization's are per member account, so the keys that only select
         the accounts are left out: editing them must not collect again the
         accounts collected minutes ago."""
-        return self._fingerprint(SECRET_KEYS + SELECTION_KEYS if self.aws.organization else SECRET_KEYS)
+        return self._fingerprint(SECRET_KEYS + ACCOUNT_LIST_KEYS if self.aws.organization else SECRET_KEYS)
 
     def _fingerprint(self, left_out):
         who = {k: v for k, v in self.account.items() if k not in left_out}

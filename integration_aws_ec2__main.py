@@ -175,12 +175,8 @@ class DataCollector(auth.AwsCollector):
             # (DescribeRegions, a request in flight like the others).
             mine = regions
             if mine is None:
-                if not _acquire(run['inflight'], stop):
-                    raise core.Cancelled('the run ended before this account was started')
-                try:
+                with core.held(run['inflight'], stop, 'this account was started'):
                     mine = self.aws.member_regions(member, regions, config)
-                finally:
-                    run['inflight'].release()
             with run['lock']:
                 for region in mine:
                     result = _new_result(region, member if organization else None)
@@ -339,18 +335,15 @@ class DataCollector(auth.AwsCollector):
         incomplete read) it does not, so ask again for the same page."""
         stop = run['stop']
         for attempt in range(1, PAGE_ATTEMPTS + 1):
-            if not _acquire(run['inflight'], stop):
-                raise core.Cancelled('the run ended before this page was asked for')
-            try:
-                return client.describe_instances(**params)
-            except TRANSIENT_ERRORS as e:
-                result['api_calls'] += 1
-                if attempt == PAGE_ATTEMPTS or stop.is_set():
-                    raise
-                LOG.warning('[%s] page %d: %s; asking again', result['region'],
-                            result['pages'] + 1, core.first_line(e))
-            finally:
-                run['inflight'].release()
+            with core.held(run['inflight'], stop, 'this page was asked for'):
+                try:
+                    return client.describe_instances(**params)
+                except TRANSIENT_ERRORS as e:
+                    result['api_calls'] += 1
+                    if attempt == PAGE_ATTEMPTS or stop.is_set():
+                        raise
+                    LOG.warning('[%s] page %d: %s; asking again', result['region'],
+                                result['pages'] + 1, core.first_line(e))
             time.sleep(0.2 * 2 ** attempt)
 
     def _points(self, reservations, result, timestamp):

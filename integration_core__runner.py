@@ -92,7 +92,6 @@ class DataKitError(Exception):
     def __init__(self, status, message, timed_out=False):
         what = f'HTTP {status}' if status else 'did not answer in time' if timed_out else 'unreachable'
         super().__init__(f'DataKit {what}: {message}')
-        self.timed_out = timed_out
         self.status = status
         self.body = message
 
@@ -222,9 +221,8 @@ class Runner:
         interval = getattr(collector, 'min_interval', MIN_INTERVAL.get(collector.category, 0))
         # A collector of several accounts may key the skip rule without what
         # only selects them (freshness_key): each account's record is its own.
-        fresh_key = getattr(collector, 'freshness_key', None)
-        fresh = Freshness(dff, f'integration_core:last_success:{fresh_key}:{target}' if fresh_key
-                          else state_key, interval, started_at, always=self.debug or force)
+        fresh = Freshness(dff, f'integration_core:last_success:{_freshness_key(collector)}:{target}',
+                          interval, started_at, always=self.debug or force)
         # A collector of several accounts keeps the rule per account itself.
         per_account = callable(getattr(collector, 'use_freshness', None))
         skipped = collector.use_freshness(fresh) if per_account else fresh.skip_reason()
@@ -401,7 +399,7 @@ class ObjectLinks:
         # Keyed as the skip rule is (freshness_key: not the accounts an
         # Organization selects, whose edit must not lose the map).
         self.key = 'integration_core:objects:' + fingerprint(sorted(
-            _source_key(c) for c in self.sources))
+            _freshness_key(c) for c in self.sources))
         if self.linkers and self.sources:
             first_linker = min(collectors.index(c) for c in self.linkers)
             last_source = max(collectors.index(c) for c in self.sources)
@@ -440,7 +438,7 @@ class ObjectLinks:
             name = tags.get('name')
             if name:
                 self.objects[name] = {k: v for k, v in tags.items() if k != 'name'}
-                self.seen[name] = [_source_key(collector), self.now]
+                self.seen[name] = [_freshness_key(collector), self.now]
                 self.noted.add(name)
 
     def after(self, collector, stopped=False):
@@ -449,7 +447,7 @@ class ObjectLinks:
         when its collection `stopped` part-way)."""
         if not self.linkers or collector not in self.sources:
             return
-        source = _source_key(collector)
+        source = _freshness_key(collector)
         results = getattr(collector, 'results', None)
         read = None         # (account, region) read in full; None: all of the collector's
         several = False
@@ -482,7 +480,9 @@ class ObjectLinks:
                         _one_line(e))
 
 
-def _source_key(collector):
+def _freshness_key(collector):
+    """The key of a collector's skip rule and object map: its freshness_key,
+    else its state_key."""
     return getattr(collector, 'freshness_key', None) or collector.state_key
 
 
@@ -1743,6 +1743,21 @@ class Workers:
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+@contextlib.contextmanager
+def held(semaphore, cancellation, what):
+    """The block runs holding `semaphore` (a bound of requests in flight);
+    Cancelled, saying `what` was not done, when the run ends first."""
+    while True:
+        if cancellation.is_set():
+            raise Cancelled(f'the run ended before {what}')
+        if semaphore.acquire(timeout=0.5):
+            break
+    try:
+        yield
+    finally:
+        semaphore.release()
 
 
 def _cancel(task):
