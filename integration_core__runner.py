@@ -166,7 +166,7 @@ class Runner:
 
     def _run(self, dff):
         started = time.monotonic()
-        connector = dff.SRC(self.datakit_id)
+        connector = self._connector(dff)
         # Where points go: Func's connector by its id; the local runtime's also
         # by its URL, so that the skip record of one DataKit never stands for
         # another's.
@@ -174,7 +174,7 @@ class Runner:
         self._target = [self.datakit_id] + ([target] if target else [])
         delivery = None if self.debug else Delivery(connector, self.datakit_id)
         LOG.info('[Runner] DataKit connector: %s (%s)%s', self.datakit_id,
-                 getattr(connector, 'target', 'Func connector'),
+                 getattr(connector, 'target', 'Func connector' if connector else 'none'),
                  ' - debug: collecting only, nothing is written' if self.debug else '')
         if delivery:
             delivery.resend_spool()
@@ -199,6 +199,26 @@ class Runner:
         if failures:
             raise RunFailed('; '.join(failures), summary)
         return summary
+
+    def _connector(self, dff):
+        """DFF.SRC(datakit_id). Func raises when no connector has that id: one
+        line saying what to do, before any AWS call; with debug=True (a script
+        tried before its connector exists) nothing is written, so none is
+        needed."""
+        try:
+            return dff.SRC(self.datakit_id)
+        except Exception as e:
+            why = first_line(e) or type(e).__name__
+            if self.debug:
+                LOG.info('[Runner] no DataKit connector %r (%s): none is needed with debug=True',
+                         self.datakit_id, why)
+                return None
+            error = ConfigError(
+                f"Runner(datakit_id={self.datakit_id!r}): Func has no DataKit connector with that "
+                f"id ({why}); create one (Development > Connectors, type DataKit) with "
+                "that id, or pass the id of yours")
+            LOG.error('[Runner] %s', error)       # Func's task log shows only what is printed
+            raise error from None
 
     def _started_at(self):
         """When this run counts as started for the skip rule: the tick it was

@@ -377,6 +377,42 @@ def test_inside_func_the_real_dff_is_used(monkeypatch, capsys):
     assert 'us-east-1: 120 instance(s)' in printed
 
 
+class EntityNotFound(Exception):
+    """What Func's DFF.SRC raises for an id no connector has."""
+
+
+class FuncWithoutConnector:
+    CACHE = local_runtime.FileCache()
+
+    @staticmethod
+    def SRC(connector_id):
+        raise EntityNotFound(f'Connector not found: `{connector_id}`')
+
+
+def test_debug_needs_no_connector(monkeypatch, capsys):
+    """debug=True writes nothing: a script tried before its connector exists runs."""
+    monkeypatch.setattr(core, 'DFF', FuncWithoutConnector, raising=False)
+    collector = FakeCollector(3)
+    summary = core.Runner(collector, debug=True).run()
+    assert summary['points_collected'] == 3 and summary['points_written'] == 0
+    printed = capsys.readouterr().out
+    assert ("[Runner] no DataKit connector 'datakit' (Connector not found: `datakit`): none is "
+            'needed with debug=True') in printed
+    assert 'DataKit connector: datakit (none) - debug: collecting only' in printed
+
+
+def test_a_missing_connector_is_one_line_before_collecting(monkeypatch):
+    monkeypatch.setattr(core, 'DFF', FuncWithoutConnector, raising=False)
+    collector = FakeCollector(3)
+    with pytest.raises(core.ConfigError) as error:
+        core.Runner(collector, datakit_id='dk').run()
+    assert str(error.value) == (
+        "Runner(datakit_id='dk'): Func has no DataKit connector with that id (Connector not found: "
+        "`dk`); create one (Development > Connectors, type DataKit) with that id, or pass the id of "
+        'yours')
+    assert collector.collected == 0
+
+
 # -- the local DFF --------------------------------------------------------------------
 
 def test_file_cache_honours_expiry_and_is_private(tmp_path):
