@@ -78,6 +78,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -1794,6 +1795,11 @@ def _require_default_chain(bs):
         + (f'failed ({failure}); ' if failure else 'found nothing; ') + diagnose_imds(bs))
 
 
+# A socket's timeout: socket.timeout, which is TimeoutError only from Python
+# 3.10 (Func runs 3.8).
+_TIMEOUTS = (TimeoutError, socket.timeout)
+
+
 def diagnose_imds(bs):
     """Probe the instance metadata service the way botocore does and explain."""
     endpoint = (bs.get_config_variable('ec2_metadata_service_endpoint')
@@ -1805,10 +1811,10 @@ def diagnose_imds(bs):
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             token = resp.read().decode()
-    except TimeoutError:
+    except _TIMEOUTS:
         return _hop_limit_hint(endpoint, timeout)
     except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
+        if isinstance(e.reason, _TIMEOUTS):
             return _hop_limit_hint(endpoint, timeout)
         return (f'the instance metadata service at {endpoint} is not reachable ({e.reason}): '
                 'this machine is not an EC2 instance, so give the account ak_id and ak_secret')

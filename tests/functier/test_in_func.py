@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import threading
 import time
 import urllib.request
@@ -374,6 +375,50 @@ def test_fresh_collection_is_skipped_across_tasks_unless_forced(modules, seed_es
 # --------------------------------------------------------------------------
 # failures and timeouts
 # --------------------------------------------------------------------------
+
+def test_debug_runs_before_any_connector_exists(modules, seed_estate, aws):
+    """debug=True writes nothing: a user tries the script before creating the
+    DataKit connector; without debug, the missing connector is one line."""
+    point_worker_at(modules, aws)
+
+    def debug(text):
+        return text.replace('Runner(main.DataCollector(account, collector_configs)).run()',
+                            "Runner(main.DataCollector(account, collector_configs), debug=True, "
+                            "datakit_id='not_created_yet').run()")
+    r = modules.run(publish_startup(modules, '1_iam_user.py', seed_estate, debug, 'my_aws__debug'))
+
+    assert_success(r)
+    assert line_matching(r.messages, r"no DataKit connector 'not_created_yet'", r'debug=True'), r
+    assert line_matching(r.messages, re.escape(REGION), r'instance'), r
+
+    def missing(text):
+        return text.replace('Runner(main.DataCollector(account, collector_configs)).run()',
+                            "Runner(main.DataCollector(account, collector_configs), "
+                            "datakit_id='not_created_yet').run()")
+    r = modules.run(publish_startup(modules, '1_iam_user.py', seed_estate, missing, 'my_aws__missing'))
+
+    assert_one_clear_failure(r, r"no DataKit connector with that id", r'not_created_yet',
+                             r'create one')
+
+
+def test_an_imds_that_never_answers_points_at_the_hop_limit(modules, datakit):
+    """Func in a container on an instance that requires IMDSv2 with the
+    default hop limit of 1: the token request times out, and the error says
+    what to change (on Func's Python 3.8 a socket's timeout is not a
+    TimeoutError)."""
+    silent = socket.socket()
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(16)           # accepts connections, never answers
+    modules.set_process_env(AWS_ENDPOINT_URL=None, AWS_EC2_METADATA_V1_DISABLED='true',
+                            AWS_EC2_METADATA_SERVICE_ENDPOINT=f'http://127.0.0.1:{silent.getsockname()[1]}')
+    try:
+        r = modules.run(publish_startup(modules, '4_instance_role.py', {}, with_timeout(60)))
+    finally:
+        modules.set_process_env(AWS_EC2_METADATA_V1_DISABLED=None)
+        silent.close()
+
+    assert_one_clear_failure(r, r'hop limit')
+
 
 def test_revoked_keys_fail_fast_with_one_line(modules, seed_estate, aws, datakit):
     point_worker_at(modules, aws)
