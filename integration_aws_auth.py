@@ -184,9 +184,14 @@ REFUSED_AT_USE_CODES = ('ExpiredToken', 'ExpiredTokenException', 'InvalidClientT
 # STS answers that refuse the caller's keys before anything else is judged.
 UNSIGNED_CODES = ('SignatureDoesNotMatch', 'InvalidClientTokenId', 'IncompleteSignature',
                   'UnrecognizedClientException')
-# A cached session is shown to AWS at most this often (see _check_cached).
+# A cached session is shown to AWS at most this often (see _check_cached);
+# an Organization's member sessions never are (see refreshable_credentials).
 VERIFY_INTERVAL = 3600
 VERIFIED_SUFFIX = ':verified'
+# How long an Organization's management keys' identity is kept: the identity
+# of an access key never changes, and keys revoked meanwhile are one line at
+# their next organizations:ListAccounts or sts:AssumeRole.
+MANAGEMENT_KEYS_IDENTITY_TTL = 86400
 # An Organization's management account without the member role (the usual
 # case: service-managed StackSets leave it out) is asked again at most this
 # often; between, runs skip it with the line AWS gave, and ask STS nothing.
@@ -264,10 +269,14 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
     session = _boto3_session(bs, region)
     session.integration_forget = forget
     # What a member account's session (member_session) is bound to: the base
-    # credentials behind this one, never the secret itself.
+    # credentials behind this one, never the secret itself. Assuming the
+    # member roles is role chaining (1 hour at most) when these credentials
+    # are a session: every method's but long-term keys (the account's, or the
+    # default chain's from the environment or a profile).
     session.integration_binding = _Binding(
         ('via', method, account.get('assume_role_arn'), account.get('serial_number'), binding.key),
-        binding.seal_keys, None, method != 'access_key' or binding.chained)
+        binding.seal_keys, None,
+        binding.chained if method in ('access_key', 'default_chain') else True)
     _limit_operations(bs, operations)
     return session
 
@@ -376,8 +385,7 @@ def describe_identity(session, account=None, region=None, cache=None, client=Non
     cache = cache if cache is not None else _default_cache()
     key = None
     if frozen is not None and (frozen.token or keep_keys_for):
-        key = IDENTITY_KEY_PREFIX + (_hash(frozen.access_key) if frozen.token else
-                                     _hash(frozen.access_key, _keyed_digest(frozen.secret_key)))
+        key = _identity_key(frozen)
         cached = _read_record(cache, key, _valid_identity, 'identity')
         if cached:
             return cached
@@ -1411,7 +1419,12 @@ class _TemporaryCredentialFetcher:
 
     def refreshable_credentials(self):
         record = self.fetch(full=True)
-        if self.from_cache and not self._checked_recently():
+        # An Organization's member session is not shown to AWS: its identity
+        # is known (member_identity), and one AWS refuses is dropped when its
+        # regions are refused and the account collected again in the same run
+        # (AwsCollector.collect): a check would be an STS call per account
+        # and hour, where steady state makes none.
+        if self.from_cache and self.method != 'member_role' and not self._checked_recently():
             record = self._check_cached(record)
         advisory, mandatory = self.margins(record)
         return RefreshableCredentials(
@@ -1554,7 +1567,8 @@ class _TemporaryCredentialFetcher:
                 # AWS refused the keys themselves (a wrong ak_secret, a revoked
                 # key): it judged no MFA code, so the code is still unused.
                 self._forget_code()
-                raise AuthError(line + "; check account['ak_id'] and account['ak_secret']") from None
+                raise AuthError(line + "; check account['ak_id'] and account['ak_secret']",
+                                e.response['Error']['Code']) from None
             raise AuthError(self._explain(line), e.response.get('Error', {}).get('Code')) from None
         except (EndpointConnectionError, ConnectTimeoutError) as e:
             # The request never reached AWS, so the MFA code was not consumed.
@@ -1844,6 +1858,10 @@ def _hop_limit_hint(endpoint, timeout):
 # One account as a collector uses it
 # --------------------------------------------------------------------------
 
+# The account id of what an Organization's listing cut short left out (members).
+UNLISTED = 'unlisted'
+
+
 class Member:
     """One account a collector covers: its session and identity, the tags its
     points carry (AccountId and AccountName for an Organization's members),
@@ -1994,7 +2012,7 @@ class CollectorAccount:
 
     @property
     def _keep_keys_for(self):
-        return VERIFY_INTERVAL if self.organization else None
+        return MANAGEMENT_KEYS_IDENTITY_TTL if self.organization else None
 
     def resolve_regions(self, config=None):
         """The configured regions, or for ['*'] every region enabled for the
@@ -2025,7 +2043,19 @@ class CollectorAccount:
             for n in r['regions']), what)
         if record is not None:
             return list(record['regions'])
-        found = self._enabled_regions(member.session, config)
+        try:
+            found = self._enabled_regions(member.session, config)
+        except AuthError as e:
+            forget = getattr(member.session, 'integration_forget', None)
+            if e.code not in REFUSED_AT_USE_CODES or forget is None:
+                raise
+            # A kept member session AWS refuses (revoked): dropped, and the
+            # account opened again once, as its regions' refusal would.
+            LOG.warning('[%s] AWS refused the kept session of account %s (%s): dropped; opening '
+                        'a new one', self.label, member.account_id, e.code)
+            forget()
+            member.session = self._member_session(member.account_id)
+            found = self._enabled_regions(member.session, config)
         LOG.debug("[%s] regions ['*'] of account %s: %d enabled region(s)", self.label,
                   member.account_id, len(found))
         try:
@@ -2044,7 +2074,8 @@ class CollectorAccount:
         except (ClientError, BotoCoreError) as e:
             line = (describe_client_error(e, 'ec2:DescribeRegions') if isinstance(e, ClientError)
                     else f'ec2:DescribeRegions: {core.first_line(e)}')
-            raise AuthError(f"regions ['*']: {line}") from None
+            code = e.response.get('Error', {}).get('Code') if isinstance(e, ClientError) else None
+            raise AuthError(f"regions ['*']: {line}", code) from None
         # Real AWS lists only the partition's regions; emulators may list all.
         return sorted(r['RegionName'] for r in resp['Regions']
                       if r.get('OptInStatus') != 'not-opted-in'
@@ -2075,7 +2106,7 @@ class CollectorAccount:
             return [] if failed else ['']
         return [m.account_id for m in self.collected if m.session and m.account_id not in failed]
 
-    def forget_refused(self, results):
+    def forget_refused(self, results, again=True):
         """A kept session AWS refused on every region it was used in (expired
         or revoked early: ExpiredToken, InvalidClientTokenId, AuthFailure ...)
         is dropped; the collector then collects those accounts once more with
@@ -2090,10 +2121,10 @@ class CollectorAccount:
             mine = by_account.get(member.account_id if self.organization else None, [])
             forget = getattr(member.session, 'integration_forget', None)
             if forget and mine and all(r.get('refused') for r in mine):
-                LOG.warning('[%s] AWS refused the kept session%s in every region (%s): dropped; '
-                            'collecting once more with a new one', self.label,
-                            f' of account {member.account_id}' if member.account_id else '',
-                            mine[0]['refused'])
+                LOG.warning('[%s] AWS refused the kept session%s in every region (%s): dropped; %s',
+                            self.label, f' of account {member.account_id}' if member.account_id else '',
+                            mine[0]['refused'], 'collecting once more with a new one' if again else
+                            'the next run opens a new one (the run is past its deadline)')
                 forget()
                 dropped.append(member)
         if dropped and not self.organization:
@@ -2154,11 +2185,18 @@ class CollectorAccount:
             else:
                 refused.update(({} if recheck else self._known_refusal()) or {})
                 self._list_accounts(cancellation, take)
-        except AuthError:
-            self.identity()     # keys AWS refuses: the identity call's line says so
-            raise
-        if self.only is None and not listed:
-            self._say_what_selects_nothing(excluded - organization_ids, out)
+        except (AuthError, core.Cancelled):
+            if cancellation.reason is None or not out:
+                self.identity()     # keys AWS refuses: the identity call's line says so
+                raise
+            # The Runner's deadline cut the listing short: the accounts listed
+            # so far are collected, and the others are one failure.
+            rest = Member(UNLISTED, None)
+            rest.error = (f"the Organization's accounts after the {len(out)} listed: "
+                          f'organizations:ListAccounts {cancellation.reason}')
+            out.append(rest)
+        if self.only is None:
+            self._say_what_selects_nothing(excluded - organization_ids, out, listed)
         self.identity()     # the keys' own failure first
 
         def is_management(account_id):
@@ -2174,8 +2212,19 @@ class CollectorAccount:
                 self._forget_refusal()
                 member.skipped = None
                 opening.append((member, pool.run(self._open_member, member, ready, cancellation, bound)))
-        for member, opened in opening:
-            outcome = opened.exception()
+        outcomes = [(member, cancellation.outcome(opened, 'this account was opened'))
+                    for member, opened in opening]
+        refused = next((e for _, e in outcomes if getattr(e, 'code', None) in UNSIGNED_CODES), None)
+        if refused is not None:
+            # STS refuses the credentials that assume the roles (keys revoked
+            # since their identity was kept): the account's one line, not one
+            # per member, and their identity is asked again next run.
+            self._forget_identity()
+            forget = getattr(self.session(), 'integration_forget', None)
+            if forget is not None:
+                forget()            # a kept session of the management side: a new one next run
+            raise refused
+        for member, outcome in outcomes:
             if outcome is None:
                 if recheck and is_management(member.account_id):
                     self._forget_refusal()      # check found the role there: runs ask again now
@@ -2183,7 +2232,10 @@ class CollectorAccount:
             line = str(outcome) if isinstance(outcome, AuthError) else core.first_line(outcome)
             # A session made, the failure came after the role (its regions' lookup).
             opened, member.session = member.session is not None, None   # never marked fresh, nor kept
-            if not opened and is_management(member.account_id):
+            if cancellation.reason is not None and (isinstance(outcome, core.Cancelled)
+                                                    or getattr(outcome, 'code', None) is None):
+                member.error = cancellation.reason      # cut short by the Runner's deadline
+            elif not opened and is_management(member.account_id):
                 # The management account is included only when the role exists there.
                 member.skipped = f"the management account: its role {self.account['member_role_name']!r} cannot be assumed ({line})"
                 if getattr(outcome, 'code', None) == 'AccessDenied':
@@ -2194,16 +2246,18 @@ class CollectorAccount:
         self.collected = out
         return out
 
-    def _say_what_selects_nothing(self, unknown, selected):
+    def _say_what_selects_nothing(self, unknown, selected, listed):
         """A line for an exclusion that excludes nothing (a typo's id would
         quietly leave its account collected), and one for a run left with no
         account at all."""
+        source = ("account['member_accounts']" if listed else
+                  'the Organization (organizations:ListAccounts)')
         if unknown:
-            LOG.warning("[%s] account['exclude_accounts'] names %s, not an account of the "
-                        'Organization: check the id(s)', self.label, ', '.join(sorted(unknown)))
+            LOG.warning("[%s] account['exclude_accounts'] names %s, not an account of %s: check "
+                        'the id(s)', self.label, ', '.join(sorted(unknown)), source)
         if not selected:
-            LOG.warning("[%s] no account to collect: organizations:ListAccounts returned none "
-                        "that account['exclude_accounts'] leaves", self.label)
+            LOG.warning("[%s] no account to collect: %s has none that account['exclude_accounts'] "
+                        'leaves', self.label, source)
 
     def _management_account_id(self, cancellation):
         """The Organization's management account, asked only when a member
@@ -2232,6 +2286,9 @@ class CollectorAccount:
             LOG.debug('[%s] organizations:DescribeOrganization: %s; the management account is '
                       'taken to be the one of the credentials in use', self.label, core.first_line(e))
             answer = None
+        except core.Cancelled:
+            # The run's deadline passed: the old rule for this run, nothing kept.
+            return self.identity()['account_id']
         if not isinstance(answer, str) or not ACCOUNT_ID_RE.match(answer):
             # Asked again within the hour, as the management account's refusal.
             answer, ttl = self.identity()['account_id'], MANAGEMENT_ROLE_RECHECK
@@ -2296,14 +2353,25 @@ class CollectorAccount:
     def _open_member(self, member, ready=None, cancellation=None, bound=None):
         with (core.held(bound, cancellation, 'this account was opened') if bound is not None
               else contextlib.nullcontext()):
-            session = member_session(self.session(), self.account, member.account_id,
-                                     cache=self.cache, clock=self.clock, watch=self._watch,
-                                     operations=self.operations, text_timestamps=self.text_timestamps)
+            session = self._member_session(member.account_id)
         member.identity = member_identity(self.account, member.account_id, self.partition)
         member.session = session
         if ready is not None:
             ready(member)
         return member
+
+    def _forget_identity(self):
+        """Drop the kept identity of the management keys (describe_identity)."""
+        frozen = self.session().get_credentials().get_frozen_credentials()
+        try:
+            self._cache().delete(_identity_key(frozen))
+        except Exception as e:      # a broken cache: the identity stays until it expires
+            LOG.warning('[AWS auth] cannot drop the kept identity: %s', type(e).__name__)
+
+    def _member_session(self, account_id):
+        return member_session(self.session(), self.account, account_id, cache=self.cache,
+                              clock=self.clock, watch=self._watch, operations=self.operations,
+                              text_timestamps=self.text_timestamps)
 
     def _list_accounts(self, cancellation, take):
         """take([(id, name, status)]) for each page of the Organization's accounts."""
@@ -2378,9 +2446,16 @@ class AwsCollector:
                 f'not {type(after_collect).__name__}')
         self.after_collect = after_collect
         self.results = []
+        self._cancellation = None       # the current run's (new_cancellation)
+        self._expired = None            # the Runner's deadline passed: why (expire)
 
     def __repr__(self):
         return f'<DataCollector {self.name} method={auth_method(self.account)} regions={self.regions}>'
+
+    @property
+    def several_accounts(self):
+        """An Organization's: the Runner's lines are per account."""
+        return self.aws.organization
 
     def own_tags(self):
         """The tags the collector sets itself, which extra_tags may not name
@@ -2412,14 +2487,15 @@ class AwsCollector:
 
     def collect(self):
         """The subclass's _collect(); then, for an account whose kept session
-        AWS refused in every region (revoked before its hourly check), that
-        session is dropped and the account collected once more with a new one
-        (with MFA that needs a fresh code: the line says so). A run that
+        AWS refused in every region (revoked since its last check; a member
+        session is never checked), that session is dropped and the account
+        collected once more with a new one (with MFA that needs a fresh code:
+        the line says so); not after the Runner's deadline. A run that
         ended well keeps its member accounts' sessions for the next
         (keep_member_sessions)."""
         yield from self._collect()
-        dropped = self.aws.forget_refused(self.results)
-        if dropped:
+        dropped = self.aws.forget_refused(self.results, again=self._expired is None)
+        if dropped and self._expired is None:
             yield from self._collect_again(dropped)
         if self.aws.organization:
             keep_member_sessions(m.session for m in self.aws.collected if m.session is not None)
@@ -2437,6 +2513,24 @@ class AwsCollector:
         # skip rule marks them all).
         retried = {m.account_id: m for m in self.aws.collected}
         self.aws.collected = [retried.get(m.account_id, m) for m in first_members]
+
+    def expire(self, reason):
+        """The Runner's deadline (called from its timer's thread): the run's
+        unfinished requests stop, and what did not finish fails saying
+        `reason`; the points collected until then are delivered. None: a run
+        begins, no deadline passed (the Runner, before start())."""
+        self._expired = reason
+        stop = self._cancellation
+        if reason is not None and stop is not None:
+            stop.cancel(reason)
+
+    def new_cancellation(self):
+        """The Cancellation of a run that starts (cancelled at once when the
+        Runner's deadline has passed)."""
+        stop = self._cancellation = core.Cancellation()
+        if self._expired is not None:
+            stop.cancel(self._expired)
+        return stop
 
     def keep_clients(self, clients):
         """The run ended well: its clients (the identity call's too) are the
@@ -2635,6 +2729,13 @@ class _Binding:
 def _identity_of(method, answer, partition):
     return {'method': method, 'account_id': answer['Account'], 'arn': answer['Arn'],
             'partition': partition}
+
+
+def _identity_key(frozen):
+    """Where describe_identity keeps the identity of credentials: a session's
+    by its access key, long-term keys' by the key and an HMAC of the secret."""
+    return IDENTITY_KEY_PREFIX + (_hash(frozen.access_key) if frozen.token else
+                                  _hash(frozen.access_key, _keyed_digest(frozen.secret_key)))
 
 
 def _remember_identity(cache, access_key, identity, left):

@@ -185,21 +185,36 @@ class DataCollector(auth.AwsCollector):
         # once (a throttled account leaves the others room: Workers).
         size = self.configs['concurrency']
         pool = core.Workers(size, 'cloudwatch', share=size // 2 if self.aws.organization else None)
-        run = {'out': queue.Queue(), 'stop': core.Cancellation(), 'pool': pool, 'regions': []}
+        run = {'out': queue.Queue(), 'stop': self.new_cancellation(), 'pool': pool, 'regions': []}
         # From here on cancel() ends it all, however start() itself ends
         # (Func's timeout included, which no `except Exception` sees).
         self._run = run
         stop = run['stop']
         self.aws.start_identity(stop, config)
         regions = self.aws.resolve_regions(config)
-        members = self.aws.members(stop, pool, self.aws.fresh)
-        work = [(m, r) for m in members if m.session
-                for r in self._member_regions(m, regions, config)]
-        self.results = [_new_result(r, m if self.aws.organization else None) for m, r in work]
-        for (member, region), result in zip(work, self.results):
-            client = stop.watch(auth.take_client(member.session, 'cloudwatch', region, metrics_config))
-            run['regions'].append(_Region(self, member, client, result, run))
-            pool.submit(run['regions'][-1].discover, group=member.account_id)
+        self.results = []
+        lock = threading.Lock()
+
+        def ready(member):
+            """Start the member's regions as soon as it has a session (an
+            account whose role hangs holds up no other)."""
+            mine = self._member_regions(member, regions, config)
+            with lock:      # a session is not thread-safe to make clients from
+                for region in mine:
+                    result = _new_result(region, member if self.aws.organization else None)
+                    client = stop.watch(auth.take_client(member.session, 'cloudwatch', region,
+                                                         metrics_config))
+                    self.results.append(result)
+                    run['regions'].append(_Region(self, member, client, result, run))
+                    pool.submit(run['regions'][-1].discover, group=member.account_id)
+
+        members = self.aws.members(stop, pool, self.aws.fresh, ready=ready)
+        if not self.aws.organization:
+            ready(members[0])
+        # In the accounts' order, whatever order their roles were assumed in.
+        order = {m.account_id: n for n, m in enumerate(members)}
+        self.results.sort(key=lambda r: (order[r.get('account')], r['region'] if regions is None
+                                         else regions.index(r['region'])))
 
     def _member_regions(self, member, regions, config):
         """The member's regions (its own enabled ones for ['*'] over an
@@ -218,21 +233,31 @@ class DataCollector(auth.AwsCollector):
         self.start()
         run, self._run = self._run, None
         try:
-            pending = len(run['regions'])
+            pending = set(run['regions'])
             while pending:
-                kind, region, payload = run['out'].get()
+                item = run['stop'].get(run['out'])
+                if item is None:
+                    # Stopped, and a region's thread is still asleep between
+                    # botocore's retries: not waited for, its region failed.
+                    for region in pending:
+                        region.result['error'] = region.stopped()
+                        region.finish()
+                    return
+                kind, region, payload = item
                 if kind == 'points':
                     yield from payload
                 else:
-                    pending -= 1
+                    pending.discard(region)
                     region.finish()
                     if region.window is not None:
                         self._records.append(region.save_state)
         finally:
             run['stop'].cancel()
             run['pool'].stop(core.STOP_GRACE)
-        # Every region ended and no thread uses them: the next run's.
-        self.keep_clients([region.client for region in run['regions']])
+        # Every region ended and no thread uses them: the next run's (not a
+        # run the deadline cut short: its connections were shut).
+        if run['stop'].reason is None:
+            self.keep_clients([region.client for region in run['regions']])
 
     def commit(self):
         """The Runner delivered (or spooled) every point collect() yielded: now
@@ -318,8 +343,10 @@ class _Region:
             self._done()
 
     def finish(self):
-        """Main thread, after every point of the region was yielded."""
-        self.result['seconds'] = round(time.monotonic() - self.started, 3)
+        """Main thread, after every point of the region was yielded (or the
+        run stopped waiting for it)."""
+        if not self.result['seconds']:
+            self.result['seconds'] = round(time.monotonic() - self.started, 3)
         self.result['buckets'] = len(self.result['buckets'])
         self.result['messages'] = sorted(self.result['messages'])
         self.result['summary'] = _summary(self.result)
@@ -590,12 +617,17 @@ class _Region:
             self.result['calls'][name] = self.result['calls'].get(name, 0) + 1
 
     def _done(self):
+        self.result['seconds'] = round(time.monotonic() - self.started, 3)
         self.run['out'].put(('done', self, None))
 
     def _explain(self, error, action):
         if self.run['stop'].is_set():
-            return 'stopped: the run ended before this region was collected'
+            return self.stopped()
         return explain_error(error, action)
+
+    def stopped(self):
+        """The region's error when the run ended before it finished."""
+        return self.run['stop'].reason or 'stopped: the run ended before this region was collected'
 
     def _cache(self):
         return self.collector.cache_store()

@@ -150,7 +150,7 @@ class DataCollector(auth.AwsCollector):
             # Requests in flight, the member roles' AssumeRole (on the openers'
             # pool, see _members) included: at most `concurrency`.
             'inflight': threading.Semaphore(pool.size),
-            'stop': core.Cancellation(),
+            'stop': self.new_cancellation(),
             'pool': pool,
             'gc': _relax_gc(),
             'clients': [],      # given back for the next run once this one is over
@@ -223,8 +223,8 @@ class DataCollector(auth.AwsCollector):
             # the accounts'.
             made = 0
             while made < EARLY_POINTS:
-                item = run['pages'].get()
-                if item[0] == 'listed':
+                item = run['stop'].get(run['pages'])
+                if item is None or item[0] == 'listed':     # None: stopped, not waited for
                     break
                 page = self._page_points(run, item)
                 if page is not None:
@@ -247,14 +247,21 @@ class DataCollector(auth.AwsCollector):
                 yield from self._hooked(points, result)
             early = None
             while run['done'] < len(run['regions']):
-                page = self._page_points(run, run['pages'].get())
+                item = run['stop'].get(run['pages'])
+                if item is None:
+                    # Stopped, and a region's thread is still asleep between
+                    # botocore's retries: not waited for (_finish fails it).
+                    return
+                page = self._page_points(run, item)
                 if page is not None:
                     yield from self._hooked(page[1], page[0])
-                page = None
+                page = item = None
         finally:
             _finish(run)
-        # Every region ended and no thread uses them: the next run's.
-        self.keep_clients(run['clients'])
+        # Every region ended and no thread uses them: the next run's (not a
+        # run the deadline cut short: its connections were shut).
+        if run['stop'].reason is None:
+            self.keep_clients(run['clients'])
 
     def _page_points(self, run, item):
         """(result, the points of a page) from the regions' queue, the user's
@@ -312,7 +319,7 @@ class DataCollector(auth.AwsCollector):
                 if not params['NextToken']:
                     break
             else:               # the run ended before the region's last page
-                result['error'] = STOPPED
+                result['error'] = _stopped(run)
         except (ClientError, BotoCoreError, auth.AuthError) as e:
             if isinstance(e, ClientError):
                 result['api_calls'] += 1 + e.response.get('ResponseMetadata', {}).get('RetryAttempts', 0)
@@ -320,10 +327,10 @@ class DataCollector(auth.AwsCollector):
                 if code in auth.REFUSED_AT_USE_CODES:
                     result['refused'] = code
             # A connection the run's end shut down: said as such.
-            result['error'] = (STOPPED if stop.is_set() and not isinstance(e, ClientError)
+            result['error'] = (_stopped(run) if stop.is_set() and not isinstance(e, ClientError)
                                else explain_error(e, result['region']))
         except Exception as e:  # a bug must still be reported, not lost in a thread
-            result['error'] = STOPPED if stop.is_set() else explain_error(e, result['region'])
+            result['error'] = _stopped(run) if stop.is_set() else explain_error(e, result['region'])
         finally:
             result['seconds'] = round(time.monotonic() - started, 3)
             run['ended'].add(id(result))
@@ -529,7 +536,13 @@ def _finish(run):
     with run['lock']:
         for result in run['regions']:
             if id(result) not in run['ended'] and not result['error']:
-                result['error'] = STOPPED
+                result['error'] = _stopped(run)
+
+
+def _stopped(run):
+    """A region's error when the run ended before it finished: the Runner's
+    deadline says why, else STOPPED."""
+    return run['stop'].reason or STOPPED
 
 
 def _acquire(slots, stop):

@@ -52,6 +52,7 @@ import math
 import os
 import queue
 import re
+import signal
 import socket
 import stat
 import tempfile
@@ -61,12 +62,17 @@ import traceback
 import uuid
 import weakref
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 
 LOG = logging.getLogger('integration.core')
 
 BATCH_SIZE = 100                 # what Func's own DataKit helper sends per request
 MIN_INTERVAL = {'custom_object': 900, 'object': 900, 'metric': 60}
+# Before the task's time limit (Func's DFF.API timeout), the collection stops
+# its unfinished requests so that what it collected is delivered and recorded:
+# a fifth of the time the run had, at least 5 s and at most 60 s (and never
+# more than half of it).
+DEADLINE_RESERVE = (0.2, 5.0, 60.0)
 OBJECT_CATEGORIES = ('custom_object', 'object')
 LINK_TTL = 3600       # seconds the last object tags serve the metric runs in between
 LOG_FORMAT = '[%(levelname)s] %(message)s'
@@ -152,6 +158,7 @@ class Runner:
             raise ConfigError(f"Runner(datakit_id={datakit_id!r}): the DataKit connector's id "
                               "must be a non-empty string, e.g. 'datakit'")
         self.debug = bool(debug)
+        self._deadline = None
         self.datakit_id = datakit_id
         self.force = force
         self.clock = clock
@@ -179,6 +186,7 @@ class Runner:
         if delivery:
             delivery.resend_spool()
         summary = {'points_written': 0, 'points_collected': 0, 'collectors': []}
+        self._deadline = Deadline.of_task()
         force = self.force if self.force is not None else force_requested(dff)
         started_at = self._started_at()
         links = ObjectLinks(self.collectors, dff, now=started_at)
@@ -251,8 +259,17 @@ class Runner:
                      label, skipped)
             status['status'] = 'skipped'
             return status
+        deadline = self._deadline
+        if deadline is not None and deadline.passed():
+            return _fail(status, label, f'not started: {deadline.near()}')
         links.before(collector)
         cancel = getattr(collector, 'cancel', lambda: None)
+        # At the deadline the collector stops what it has not finished (see
+        # Deadline); the rest of this method then delivers what it collected.
+        expire = getattr(collector, 'expire', None)
+        if callable(expire):
+            expire(None)        # a collector run again: the last run's deadline is past
+        watch = deadline.watch(expire) if deadline else None
         identified = False
         try:
             # start() (optional) lets the identity call overlap the first pages.
@@ -260,16 +277,27 @@ class Runner:
             ident = collector.identity()
             identified = True
         except Exception as e:  # the account as a whole failed: one line, not one per region
-            return _fail(status, label, f'account: {_one_line(e)}')
+            why = deadline.reason if watch and watch.fired else _one_line(e)
+            return _fail(status, label, f'account: {why}')
         finally:
             # Also on Func's timeout, which no `except Exception` sees: the
             # collector's threads must stop calling AWS when the task ends.
             if not identified:
                 cancel()
+                if watch is not None:
+                    watch.cancel()
         status['identity'] = ident
-        LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
-                 ident.get('partition'), ident.get('arn'), ident.get('method'))
-        failed_accounts = self._log_accounts(label, collector, status)
+        accounts = getattr(collector, 'accounts', lambda: [])()
+        if getattr(collector, 'several_accounts', False):
+            # A collector of several accounts: these credentials list and
+            # open them; each account has its own line (_log_accounts), the
+            # one they belong to included when it is collected.
+            LOG.info('%s %d account(s), through %s via %s (%s)', label, len(accounts),
+                     ident.get('arn'), ident.get('method'), ident.get('partition'))
+        else:
+            LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
+                     ident.get('partition'), ident.get('arn'), ident.get('method'))
+        failed_accounts = self._log_accounts(label, status, accounts)
         started = time.monotonic()
         failed_before = delivery.failed_points if delivery else 0
         batch = []
@@ -294,6 +322,8 @@ class Runner:
             # suspended: close it now so its threads stop, not at GC time.
             getattr(points, 'close', lambda: None)()
             cancel()
+            if watch is not None:
+                watch.cancel()
         # Every point it yielded is delivered, spooled or dead-lettered: the
         # collector may now record what it has written (never in debug).
         if delivery is not None:
@@ -342,10 +372,10 @@ class Runner:
         return status
 
     @staticmethod
-    def _log_accounts(label, collector, status):
+    def _log_accounts(label, status, accounts):
         """A collector of several accounts: one line for each; the failed ones."""
         failed = []
-        for account in getattr(collector, 'accounts', lambda: [])():
+        for account in accounts:
             name = f" ({account['account_name']})" if account.get('account_name') else ''
             if account.get('error'):
                 LOG.error('%s account %s%s FAILED: %s', label, account['account_id'], name,
@@ -357,7 +387,7 @@ class Runner:
             else:
                 LOG.info('%s account %s%s as %s via %s', label, account['account_id'], name,
                          account.get('arn'), account.get('method'))
-        status['accounts'] = [dict(a) for a in getattr(collector, 'accounts', lambda: [])()]
+        status['accounts'] = [dict(a) for a in accounts]
         return failed
 
     @staticmethod
@@ -630,6 +660,62 @@ class Freshness:
 
     def _key(self, part):
         return f'{self.key}:{part}' if part else self.key
+
+
+class Deadline:
+    """When a run stops collecting: DEADLINE_RESERVE before the task's time
+    limit, so that what was collected is delivered and recorded, and what was
+    not finished fails with one line each, instead of the task's timeout
+    ending the run with nothing delivered (an account whose endpoint hangs
+    would cost every other account's points)."""
+
+    ADVICE = 'raise DFF.API(timeout=...), or split the accounts over several startup scripts'
+
+    def __init__(self, left):
+        share, low, high = DEADLINE_RESERVE
+        self.reserve = min(high, max(low, left * share), left / 2)
+        self.at = time.monotonic() + left - self.reserve
+        self.reason = (f"unfinished {self.reserve:.3g} s before the task's time limit, stopped so "
+                       f'that what was collected is delivered: {self.ADVICE}')
+
+    @classmethod
+    def of_task(cls):
+        """The task's deadline, or None without a time limit: Func arms the
+        process's real-time timer (SIGALRM) for its DFF.API timeout, and
+        `integration-runner run` does the same."""
+        try:
+            left = signal.getitimer(signal.ITIMER_REAL)[0]
+        except (AttributeError, OSError, ValueError):  # no such timer here (Windows)
+            return None
+        return cls(left) if left > 0 else None
+
+    def passed(self):
+        return time.monotonic() >= self.at
+
+    def near(self):
+        return f"the task's time limit is under {self.reserve:.3g} s away: {self.ADVICE}"
+
+    def watch(self, expire):
+        """expire(reason) at the deadline, on a timer's thread (a collector's
+        expire stops its requests); None for a collector without one."""
+        return _DeadlineWatch(self, expire) if callable(expire) else None
+
+
+class _DeadlineWatch:
+    def __init__(self, deadline, expire):
+        self.fired = False
+        self._expire, self._reason = expire, deadline.reason
+        self._timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.name = 'integration-deadline'
+        self._timer.start()
+
+    def _fire(self):
+        self.fired = True
+        self._expire(self._reason)
+
+    def cancel(self):
+        self._timer.cancel()
 
 
 def _accounts_failed_everywhere(results):
@@ -1582,6 +1668,8 @@ class Cancellation:
     def __init__(self):
         self._event = threading.Event()
         self._connections = weakref.WeakSet()
+        self.reason = None      # why, when not the run's plain end (the Runner's deadline)
+        self._cancelled_at = None
 
     def is_set(self):
         return self._event.is_set()
@@ -1613,11 +1701,39 @@ class Cancellation:
                 pools[scheme] = watched.noting_pool(base)
         return client
 
-    def cancel(self):
+    def cancel(self, reason=None):
+        if not self._event.is_set():
+            self.reason = reason
+            self._cancelled_at = time.monotonic()
         self._event.set()
         # After the event: a connection still connecting now shuts itself.
         for connection in list(self._connections):
             _shut(connection)
+
+    def overdue(self):
+        """Cancelled more than STOP_GRACE ago: what has not ended by now (a
+        thread asleep between botocore's retries, which no cancelling wakes)
+        is not waited for."""
+        return self._cancelled_at is not None and time.monotonic() - self._cancelled_at > STOP_GRACE
+
+    def get(self, items):
+        """The next of queue `items`; None once overdue without one."""
+        while True:
+            try:
+                return items.get(timeout=0.5)
+            except queue.Empty:
+                if self.overdue():
+                    return None
+
+    def outcome(self, future, what):
+        """future.exception() (None: it succeeded); Cancelled, saying `what`
+        was not done, once overdue without one."""
+        while True:
+            try:
+                return future.exception(timeout=0.5)
+            except FutureTimeout:
+                if self.overdue():
+                    return Cancelled(self.reason or f'the run ended before {what}')
 
     def _refuse(self, **_):
         if self._event.is_set():

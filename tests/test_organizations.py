@@ -60,6 +60,11 @@ def test_one_script_collects_every_member_account(aws, org, sink, caplog):
         account_id = members[member]['id']
         assert any(f"account {account_id} ({members[member]['name']}) as arn:aws:sts::{account_id}:"
                    f"assumed-role/{ROLE}/Integration via member_role" in line for line in lines)
+    # One identity line per account, the management account's included: the
+    # credentials that list and open them have a line of their own.
+    for account_id in [m['id'] for m in members.values()] + ['123456789012']:
+        assert len([line for line in lines if f'account {account_id} ' in line]) == 1, (account_id, lines)
+    assert f"[#1 AWS EC2] 4 account(s), through {org['user']['arn']} via access_key (aws)" in lines
     # Which identity made each call: the user's keys list the accounts and
     # assume the roles; each member's instances are read with its own session.
     user_key = org['user']['ak_id']
@@ -317,11 +322,23 @@ def test_an_exclusion_that_excludes_nothing_and_an_empty_selection_are_said(aws,
                                   {'regions': REGIONS}), force=True).run()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
     assert warnings == [
-        "[AWS EC2] account['exclude_accounts'] names 999999999999, not an account of the Organization: "
-        'check the id(s)',
-        "[AWS EC2] no account to collect: organizations:ListAccounts returned none that "
+        "[AWS EC2] account['exclude_accounts'] names 999999999999, not an account of the Organization "
+        '(organizations:ListAccounts): check the id(s)',
+        "[AWS EC2] no account to collect: the Organization (organizations:ListAccounts) has none that "
         "account['exclude_accounts'] leaves"], warnings
     assert sink.points == []
+    assert f"[#1 AWS EC2] 0 account(s), through {org['user']['arn']} via access_key (aws)" in [
+        r.getMessage() for r in caplog.records]
+    # Beside member_accounts: an id it does not list excludes nothing either.
+    caplog.clear()
+    listed = members['external-id']['id']
+    core.Runner(ec2.DataCollector(org_account(org, member_accounts=[listed], exclude_accounts=['999999999999']),
+                                  {'regions': REGIONS}), force=True).run()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert warnings == [
+        "[AWS EC2] account['exclude_accounts'] names 999999999999, not an account of "
+        "account['member_accounts']: check the id(s)"], warnings
+    assert {p['tags']['AccountId'] for _, p in sink.points} == {listed}
     # An empty exclusion (a template's) excludes nothing, and says nothing.
     caplog.clear()
     with pytest.raises(core.RunFailed):         # the member without the role
@@ -358,6 +375,22 @@ def test_role_chaining_from_a_role_asks_for_an_hour(aws, org, sink):
     member = [c for c in assumes if c['params'].get('RoleArn', '').endswith(f'{wanted["id"]}:role/{ROLE}')]
     assert member and all(int(c['params']['DurationSeconds']) <= 3600 for c in member)
     assert all(c['token'] for c in member), 'the member role is assumed with the hub role session'
+    assert len(by_account(sink)[wanted['id']]) == 3
+
+
+def test_keys_from_the_environment_are_no_role_chaining(aws, org, sink, monkeypatch):
+    """Long-term keys from the environment (no ak_id: botocore's default
+    chain) are not a session: the member roles are asked for as long as the
+    account's own keys would ask (43200 s), not capped at an hour."""
+    wanted = org['members']['with-instances']
+    monkeypatch.setenv('AWS_ACCESS_KEY_ID', org['user']['ak_id'])
+    monkeypatch.setenv('AWS_SECRET_ACCESS_KEY', org['user']['ak_secret'])
+    monkeypatch.delenv('AWS_SESSION_TOKEN', raising=False)
+    account = {'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID, 'member_accounts': [wanted['id']]}
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    member = [c for c in calls if c['action'] == 'AssumeRole']
+    assert member and [int(c['params']['DurationSeconds']) for c in member] == [43200]
     assert len(by_account(sink)[wanted['id']]) == 3
 
 
@@ -1032,3 +1065,118 @@ def test_check_of_every_region_has_each_members_own(aws, org, collector):
     wanted = org['members']['with-instances']['id']
     rows = collector(org_account(org, member_accounts=[wanted]), {'regions': ['*']}).check()
     assert [(row['region'], row['ok']) for row in rows] == [(f'{wanted} {r}', True) for r in REGIONS], rows
+
+
+def test_steady_state_makes_no_sts_call_for_hours(aws, org, sink):
+    """A run every 15 minutes for two hours (member sessions of 12 hours):
+    after the first run, not one STS call; the member sessions are not shown
+    to AWS every hour (a revoked one is dropped when used: next test), and
+    the management keys' identity is kept for a day."""
+    now = [datetime.datetime.now(datetime.timezone.utc)]
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+    sts = []
+    for _ in range(9):
+        with aws.recording() as calls:
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0]),
+                        force=True).run()
+        sts.append(sorted(c['action'] for c in calls if c['service'] == 'sts'))
+        now[0] += datetime.timedelta(minutes=15)
+    assert 'AssumeRole' in sts[0] and sts[1:] == [[]] * 8, sts
+
+
+def test_a_member_session_aws_revoked_is_replaced_in_the_same_run(aws, org, sink, caplog):
+    """A kept member session that AWS refuses (revoked): its regions are
+    refused, the session is dropped and the account collected again with a
+    new one, in the same run, which ends well."""
+    from servers import ec2_error
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    target = members['with-instances']['id']
+    account = org_account(org, member_accounts=[target, members['external-id']['id']])
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    revoked = {key for key, arn in org['proxy'].issued.items() if arn.split(':')[4] == target}
+    judge = org['proxy'].rule
+
+    def rule(request):
+        if request['access_key'] in revoked and request['service'] == 'ec2':
+            return ('status', 401, ec2_error('AuthFailure', 'AWS was not able to validate the '
+                                             'provided access credentials'))
+        return judge(request)
+    org['proxy'].rule = rule
+    sink.points.clear()
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assume = [c for c in calls if c['action'] == 'AssumeRole']
+    assert len(assume) == 1, 'one new session, for the revoked account only'
+    names = sorted(p['tags']['name'] for _, p in sink.points if p['tags'].get('AccountId') == target)
+    wanted = members['with-instances']['instances']
+    assert names == sorted(wanted['us-east-1'] + wanted['us-west-2'])
+    assert not [r for r in caplog.records if 'FAILED' in r.getMessage()]
+
+
+STS_REFUSED = ('<ErrorResponse><Error><Type>Sender</Type><Code>InvalidClientTokenId</Code>'
+               '<Message>The security token included in the request is invalid.</Message></Error>'
+               '<RequestId>t</RequestId></ErrorResponse>')
+
+
+def test_a_revoked_member_session_is_replaced_with_regions_star(aws, org, sink, caplog):
+    """regions ['*']: once the member's kept regions are an hour old, its
+    DescribeRegions is the first call a revoked session makes; refused, the
+    session is dropped and the account opened again, in the same run."""
+    from servers import ec2_error
+    caplog.set_level('INFO', logger='integration')
+    now = [datetime.datetime.now(datetime.timezone.utc)]
+    cache = core.MemoryCache(clock=lambda: now[0].timestamp())
+    target = org['members']['with-instances']
+    account = org_account(org, member_accounts=[target['id']])
+
+    def run():
+        sink.points.clear()
+        core.Runner(ec2.DataCollector(account, {'regions': ['*']}, clock=lambda: now[0], cache=cache),
+                    force=True).run()
+        return sorted(p['tags']['name'] for _, p in sink.points)
+    run()
+    proxy, judge = org['proxy'], org['proxy'].rule
+    revoked = {key for key, arn in proxy.issued.items() if arn.split(':')[4] == target['id']}
+    proxy.rule = lambda r: (('status', 401, ec2_error('AuthFailure', 'AWS was not able to validate the '
+                                                      'provided access credentials'))
+                            if r['access_key'] in revoked else judge(r))
+    now[0] += datetime.timedelta(minutes=61)
+    with aws.recording() as calls:
+        names = run()
+    assert names == sorted(target['instances']['us-east-1'] + target['instances']['us-west-2'])
+    assert len([c for c in calls if c['action'] == 'AssumeRole']) == 1
+    assert any(f"AWS refused the kept session of account {target['id']} (AuthFailure): dropped; opening "
+               'a new one' in r.getMessage() for r in caplog.records)
+
+
+def test_management_keys_revoked_while_their_identity_is_kept_are_one_line(aws, org, sink, caplog):
+    """The keys' identity is kept for a day; keys revoked meanwhile (member
+    sessions expired) are one line, not one per member account, and their
+    identity is asked again next run."""
+    caplog.set_level('INFO', logger='integration')
+    now = [datetime.datetime.now(datetime.timezone.utc)]
+    cache = core.MemoryCache(clock=lambda: now[0].timestamp())
+    members, proxy = org['members'], org['proxy']
+    account = org_account(org, member_accounts=[members['with-instances']['id'], members['external-id']['id']])
+
+    def run():
+        caplog.clear()
+        with pytest.raises(core.RunFailed) as failed:
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0], cache=cache),
+                        force=True).run()
+        return failed.value, [r.getMessage() for r in caplog.records if 'FAILED' in r.getMessage()]
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0], cache=cache),
+                force=True).run()
+    judge = proxy.rule
+    proxy.rule = lambda r: ('status', 403, STS_REFUSED) if r['access_key'] == org['user']['ak_id'] else judge(r)
+    try:
+        now[0] += datetime.timedelta(hours=13)      # the member sessions (12 h) are over
+        error, failed = run()
+        assert len(failed) == 1 and 'FAILED: account: AuthError: sts:AssumeRole: InvalidClientTokenId' in failed[0], failed
+        seen = len(proxy.seen)
+        error, failed = run()
+        assert [r['action'] for r in proxy.seen[seen:] if r['service'] == 'sts'][0] == 'GetCallerIdentity'
+        assert len(failed) == 1 and 'FAILED: account: AuthError: sts:GetCallerIdentity: InvalidClientTokenId' in failed[0]
+    finally:
+        proxy.rule = judge

@@ -3,9 +3,11 @@ seconds, releases its lock, restores the GC threshold, and leaves no thread
 calling AWS. Endpoints that hang are tests/blackhole.py, on loopback."""
 import gc
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import pytest
 
@@ -41,16 +43,22 @@ def run_script(path, env, timeout=60):
 
 
 @pytest.mark.parametrize('hanging', ['EC2', 'STS'])
-def test_a_run_whose_endpoint_hangs_ends_at_its_timeout(seed_estate, write_script, receiver,
-                                                        blackhole, hanging):
-    """During collection (EC2) or during the identity call (STS): the process
-    ends about when its 3 s timeout says, not when the requests in flight end."""
+def test_a_run_whose_endpoint_hangs_ends_before_its_timeout(seed_estate, write_script, receiver,
+                                                            blackhole, hanging):
+    """During collection (EC2) or during the identity call (STS): the run
+    stops what hangs before its 3 s timeout (half of the time left is kept
+    to deliver), says so in one line, and ends failed by itself."""
     text = open(os.path.join(ROOT, 'scripts', '1_iam_user.py')).read().replace('timeout=3600', 'timeout=3')
     path = write_script(text, seed_estate)
     result, seconds = run_script(path, {'DATAKIT_URL': receiver.url, 'INTEGRATION_FORCE': '1',
                                         f'AWS_ENDPOINT_URL_{hanging}': blackhole.url})
     assert result.returncode == 1, result.stdout + result.stderr
-    assert 'AWS-EC2 Collection: stopped after its timeout of 3 s' in result.stdout
+    where = 'cn-northwest-1 FAILED:' if hanging == 'EC2' else 'FAILED: account:'
+    cut = [line for line in result.stdout.splitlines() if 'FAILED' in line]
+    assert len(cut) == 1 and re.search(
+        rf"{where} unfinished 1\.\d+ s before the task's time limit, stopped so that what was "
+        r'collected is delivered: raise DFF.API\(timeout=...\), or split the accounts', cut[0]), result.stdout
+    assert 'stopped after its timeout' not in result.stdout
     assert seconds < 3 + 4, f'the run took {seconds:.1f} s for a 3 s timeout'
     assert blackhole.requests, 'the endpoint was never called: the test proves nothing'
 
@@ -73,6 +81,11 @@ def test_after_a_timeout_no_thread_goes_on_calling_aws(seed_estate, receiver, bl
     assert calls >= 1
     time.sleep(3)
     assert len(blackhole.requests) == calls, 'a thread went on calling the endpoint'
+    # The same collector, run again once EC2 answers: the last run's deadline
+    # is not this one's.
+    monkeypatch.delenv('AWS_ENDPOINT_URL_EC2')
+    assert local_cli.run_api(dict(api, timeout=60)) == local_cli.EXIT_OK
+    assert [r['error'] for r in collector.results] == [None, None]
 
 
 def test_an_account_that_fails_while_regions_hang_ends_in_seconds(user, receiver, blackhole,
@@ -127,3 +140,141 @@ def test_a_timeout_while_member_roles_are_assumed_leaves_nothing_behind(aws, use
         assert seen() == calls, 'a thread went on calling STS'
     finally:
         slow.stop()
+
+
+@pytest.mark.parametrize('hanging', ['AssumeRole', 'DescribeInstances', 'throttled'])
+def test_a_member_account_that_hangs_costs_one_line_and_the_others_deliver(aws, org, sink, caplog,
+                                                                            hanging):
+    """An Organization run under its DFF.API timeout: one member's role (or
+    its every EC2 call) hangs, or AWS throttles its every call (botocore
+    sleeps between retries, which no cancelling wakes); another member has
+    no role. Before the timeout the run stops the first (one line), says
+    the second (one line), delivers and records the others, and ends failed
+    by itself; the next run collects only the accounts that did not finish."""
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    from servers import ec2_error
+    caplog.set_level('INFO', logger='integration')
+    members, proxy = org['members'], org['proxy']
+    hung, healthy, refused = members['external-id'], members['with-instances'], members['without-role']
+    judge = proxy.rule
+
+    def rule(request):
+        params = dict(urllib.parse.parse_qsl(request['body'].decode()))
+        mine = f":{hung['id']}:" in proxy.issued.get(request['access_key'], '')
+        if hanging == 'AssumeRole' and request['action'] == 'AssumeRole' and \
+                f":{hung['id']}:" in params.get('RoleArn', ''):
+            return ('delay', 60)
+        if hanging == 'DescribeInstances' and request['action'] == 'DescribeInstances' and mine:
+            return ('delay', 60)
+        if hanging == 'throttled' and request['action'] == 'DescribeInstances' and mine:
+            return ('status', 503, ec2_error('RequestLimitExceeded', 'Request limit exceeded.'))
+        return judge(request)
+    proxy.rule = rule
+    account = {'ak_id': org['user']['ak_id'], 'ak_secret': org['user']['ak_secret'],
+               'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID}
+
+    def run(timeout):
+        collector = ec2.DataCollector(account, {'regions': REGIONS})
+        api = {'title': 'org', 'name': 'run', 'timeout': timeout,
+               'func': lambda: core.Runner(collector).run()}
+        started = time.monotonic()
+        outcome = local_cli.run_api(api)
+        return outcome, time.monotonic() - started
+
+    outcome, seconds = run(10)
+    assert outcome == local_cli.EXIT_FAILED and seconds < 10, seconds
+    names = lambda account_id: sorted(p['tags']['name'] for _, p in sink.points  # noqa: E731
+                                      if p['tags'].get('AccountId') == account_id)
+    assert names(healthy['id']) == sorted(healthy['instances']['us-east-1'] + healthy['instances']['us-west-2'])
+    assert names(hung['id']) == []
+    lines = [r.getMessage() for r in caplog.records]
+    failed = sorted(line for line in lines if 'FAILED' in line)
+    assert len(failed) == 2, failed
+    hung_line = next(line for line in failed if hung['id'] in line)
+    assert re.search(rf"account {hung['id']} \({re.escape(hung['name'])}\) FAILED( in every region \(2\))?: "
+                     r"unfinished \d+(\.\d+)? s before the task's time limit, stopped so that what was "
+                     r'collected is delivered', hung_line), hung_line
+    assert f"account {refused['id']} ({refused['name']}) FAILED: sts:AssumeRole: AccessDenied" in \
+        next(line for line in failed if refused['id'] in line)
+    assert not [line for line in lines if 'stopped after its timeout' in line]
+
+    proxy.rule = judge
+    caplog.clear()
+    del sink.points[:]
+    outcome, _ = run(30)
+    assert outcome == local_cli.EXIT_FAILED         # the member without the role, again
+    assert {p['tags']['AccountId'] for _, p in sink.points} == {hung['id']}
+    assert names(hung['id']) == sorted(hung['instances']['us-east-1'])
+
+
+def test_cloudwatch_stops_a_hanging_member_account_before_its_timeout(aws, org, sink, caplog):
+    """The metrics collector under the same deadline: the member whose role
+    hangs is one line, and the run ends failed by itself before its timeout."""
+    import integration_aws_cloudwatch__main as cw
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    caplog.set_level('INFO', logger='integration')
+    members, proxy = org['members'], org['proxy']
+    hung = members['external-id']
+    judge = proxy.rule
+    proxy.rule = lambda request: ('delay', 60) if (
+        request['action'] == 'AssumeRole' and f":{hung['id']}:" in
+        dict(urllib.parse.parse_qsl(request['body'].decode())).get('RoleArn', '')) else judge(request)
+    account = {'ak_id': org['user']['ak_id'], 'ak_secret': org['user']['ak_secret'],
+               'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID,
+               'exclude_accounts': [members['without-role']['id']]}
+    collector = cw.DataCollector(account, {'regions': REGIONS})
+    api = {'title': 'org', 'name': 'run', 'timeout': 8, 'func': lambda: core.Runner(collector).run()}
+    started = time.monotonic()
+    assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+    assert time.monotonic() - started < 8
+    failed = [r.getMessage() for r in caplog.records if 'FAILED' in r.getMessage()]
+    assert len(failed) == 1 and f"account {hung['id']} ({hung['name']}) FAILED: unfinished " in failed[0] \
+        and "before the task's time limit" in failed[0], failed
+    assert our_threads_left(core.STOP_GRACE + 1) == []
+
+
+@pytest.mark.parametrize('collector_module', ['ec2', 'cloudwatch'])
+def test_a_listing_the_deadline_cuts_short_collects_what_it_listed(aws, org, sink, caplog,
+                                                                    collector_module):
+    """ListAccounts' second page hangs: at the deadline the accounts of the
+    first page are collected and delivered, and the accounts not listed are
+    one line; the run ends failed by itself before its timeout."""
+    import json
+    import integration_aws_cloudwatch__main as cw
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    caplog.set_level('INFO', logger='integration')
+    members, proxy = org['members'], org['proxy']
+    judge, forward = proxy.rule, proxy._forward
+
+    def rule(request):
+        if request['action'] == 'ListAccounts' and b'NextToken' in request['body']:
+            return ('delay', 60)
+        return judge(request)
+
+    def paged(method, path, headers, body):         # a first page that says more follow
+        status, response_headers, data = forward(method, path, headers, body)
+        if headers.get('X-Amz-Target', '').endswith('ListAccounts') and b'NextToken' not in body:
+            data = json.dumps(dict(json.loads(data), NextToken='page-2')).encode()
+            response_headers = {k: v for k, v in response_headers.items() if k.lower() != 'content-length'}
+        return status, response_headers, data
+    proxy.rule, proxy._forward = rule, paged
+    account = {'ak_id': org['user']['ak_id'], 'ak_secret': org['user']['ak_secret'],
+               'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID,
+               'exclude_accounts': [members['without-role']['id']]}
+    module = ec2 if collector_module == 'ec2' else cw
+    collector = module.DataCollector(account, {'regions': REGIONS})
+    api = {'title': 'org', 'name': 'run', 'timeout': 8, 'func': lambda: core.Runner(collector, force=True).run()}
+    started = time.monotonic()
+    try:
+        assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+    finally:
+        proxy.rule, proxy._forward = judge, forward
+    assert time.monotonic() - started < 8
+    failed = [r.getMessage() for r in caplog.records if 'FAILED' in r.getMessage()]
+    assert len(failed) == 1 and re.search(
+        r"account unlisted FAILED: the Organization's accounts after the \d+ listed: "
+        r"organizations:ListAccounts unfinished [\d.]+ s before the task's time limit", failed[0]), failed
+    if collector_module == 'ec2':
+        healthy = members['with-instances']
+        assert sorted(p['tags']['name'] for _, p in sink.points if p['tags'].get('AccountId') == healthy['id']) \
+            == sorted(healthy['instances']['us-east-1'] + healthy['instances']['us-west-2'])

@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -456,8 +457,11 @@ def test_datakit_down_fails_fast_with_one_line(modules, seed_estate, aws):
 
 @pytest.mark.parametrize('slow_part', ['ec2', 'datakit'])
 def test_timeout_leaves_no_thread_and_no_request_behind(modules, seed_estate, aws, slow_part):
-    """Past DFF.API(timeout=4) Func interrupts the task; afterwards nothing of
-    ours may still run or call the slow endpoint."""
+    """DFF.API(timeout=4). EC2 hangs: the run stops it before the limit
+    (half of the time is kept to deliver) and ends failed by itself, one line
+    saying so. DataKit hangs while the points are delivered: Func interrupts
+    the task at its timeout. Either way, afterwards nothing of ours may still
+    run or call the slow endpoint."""
     slow = SlowServer()
     receiver = DataKitReceiver(script=[('slow', 60)] * 5) if slow_part == 'datakit' else DataKitReceiver()
     try:
@@ -473,8 +477,14 @@ def test_timeout_leaves_no_thread_and_no_request_behind(modules, seed_estate, aw
 
         r = modules.run(func_id, thread_grace=5)
 
-        assert r.status == 'timeout', f'expected a timeout:\n{r}'
-        assert r.timeout == 4 and 4 <= r.wall < 15, r
+        if slow_part == 'ec2':
+            assert r.status == 'failure' and r.exception == '#1 AWS EC2: 1 region(s) failed: cn-northwest-1', r
+            assert line_matching(r.messages, r"cn-northwest-1 FAILED: unfinished [\d.]+ s before the task's "
+                                 r'time limit'), '\n'.join(r.print_log)
+            assert r.wall < 4, r
+        else:
+            assert r.status == 'timeout', f'expected a timeout:\n{r}'
+            assert r.timeout == 4 and 4 <= r.wall < 15, r
         assert requests() >= 1, f'the slow {slow_part} endpoint was never reached:\n{r}'
         assert r.threads_alive == [], \
             f'threads of the task still alive {r.thread_grace} s after its timeout: {r.threads_alive}'
@@ -670,6 +680,50 @@ def test_an_organization_in_one_task_then_without_sts(modules, org, aws, datakit
         'the sessions of the members are kept in Func\'s Redis: no STS call'
     assert modules.run('test__kept_sessions.run').result == sessions, \
         'the next task took the Session objects of the last, not new ones'
+
+
+@pytest.mark.parametrize('hanging', ['AssumeRole', 'DescribeInstances'])
+def test_an_organization_whose_member_hangs_delivers_the_others_before_the_timeout(
+        modules, org, aws, datakit, hanging):
+    """DFF.API(timeout=8): one member's role (or its every EC2 call) hangs.
+    The task ends before Func's timeout: that account is one line, every
+    other account is delivered, and the task fails naming it."""
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    proxy, members = org['proxy'], org['members']
+    hung, healthy = members['with-instances'], members['external-id']
+    judge = proxy.rule
+
+    def rule(request):
+        if hanging == 'AssumeRole' and request['action'] == 'AssumeRole' and \
+                f":{hung['id']}:" in urllib.parse.unquote(request['body'].decode()):
+            return ('delay', 120)
+        if hanging == 'DescribeInstances' and request['action'] == 'DescribeInstances' and \
+                f":{hung['id']}:" in proxy.issued.get(request['access_key'], ''):
+            return ('delay', 120)
+        return judge(request)
+    proxy.rule = rule
+    modules.set_process_env(AWS_ENDPOINT_URL=proxy.url)
+    modules.set_env('INTEGRATION_FORCE', 'true')
+    code = ORG_SCRIPT.format(ak_id=org['user']['ak_id'], ak_secret=org['user']['ak_secret'],
+                             role=ROLE, external_id=EXTERNAL_ID, regions=REGIONS)
+    code = code.replace('timeout=300', 'timeout=8').replace(
+        '"member_external_id"', f'"exclude_accounts": ["{members["without-role"]["id"]}"],\n    "member_external_id"')
+    modules.publish('my_aws__organization_hangs', code)
+    try:
+        r = modules.run('my_aws__organization_hangs.run')
+    finally:
+        proxy.rule = judge
+
+    assert r.status == 'failure' and r.wall < 8, r
+    assert re.search(rf"1 account\(s\) failed: {hung['id']}", r.exception or ''), r.exception
+    failed = [m for m in r.messages if 'FAILED' in m]
+    assert len(failed) == 1 and hung['id'] in failed[0] and \
+        "before the task's time limit" in failed[0], '\n'.join(r.print_log)
+    points = [lp_tags(line)[1] for line in datakit.lines]
+    assert sorted(t['name'] for t in points if t.get('AccountId') == healthy['id']) == \
+        sorted(healthy['instances']['us-east-1'])
+    assert not [t for t in points if t.get('AccountId') == hung['id']]
+    assert r.threads_alive == [] and r.blocked_hosts == []
 
 
 def test_our_xml_parser_reads_as_funcs_botocore_does(func_worker):
