@@ -181,6 +181,9 @@ IDENTITY_KEY_PREFIX = 'integration_aws_auth:identity:'
 REFUSED_AT_USE_CODES = ('ExpiredToken', 'ExpiredTokenException', 'InvalidClientTokenId',
                         'InvalidToken', 'AuthFailure', 'UnrecognizedClientException',
                         'RequestExpired')
+# AWS's answers to too many requests (its services name it differently).
+THROTTLING_CODES = ('Throttling', 'ThrottlingException', 'TooManyRequestsException',
+                    'RequestLimitExceeded', 'RequestThrottled', 'SlowDown')
 # STS answers that refuse the caller's keys before anything else is judged.
 UNSIGNED_CODES = ('SignatureDoesNotMatch', 'InvalidClientTokenId', 'IncompleteSignature',
                   'UnrecognizedClientException')
@@ -1858,8 +1861,8 @@ def _hop_limit_hint(endpoint, timeout):
 # One account as a collector uses it
 # --------------------------------------------------------------------------
 
-# The account id of what an Organization's listing cut short left out (members).
-UNLISTED = 'unlisted'
+# In place of an account id: the accounts a listing cut short left out (members).
+UNLISTED = '(not listed)'
 
 
 class Member:
@@ -1883,6 +1886,8 @@ class Member:
     def describe(self):
         """The Runner's line about this account (no secret)."""
         out = {'account_id': self.account_id, 'account_name': self.account_name}
+        if self.account_id == UNLISTED:
+            out['unlisted'] = True
         if self.error:
             out['error'] = self.error
         elif self.skipped:
@@ -2185,17 +2190,24 @@ class CollectorAccount:
             else:
                 refused.update(({} if recheck else self._known_refusal()) or {})
                 self._list_accounts(cancellation, take)
-        except (AuthError, core.Cancelled):
-            if cancellation.reason is None or not out:
+        except (AuthError, core.Cancelled) as e:
+            code = getattr(e, 'code', None)
+            if code in UNSIGNED_CODES:
+                self._forget_identity()     # keys revoked: the next run's identity call says so
+            if not out or not (cancellation.reason or code in THROTTLING_CODES):
                 self.identity()     # keys AWS refuses: the identity call's line says so
                 raise
-            # The Runner's deadline cut the listing short: the accounts listed
-            # so far are collected, and the others are one failure.
+            # The listing failed part-way (throttled past botocore's retries,
+            # or cut short by the Runner's deadline): the accounts listed so
+            # far are collected, and the others are one failure. (A refusal,
+            # AccessDenied say, is the account's failure, at once.)
             rest = Member(UNLISTED, None)
             rest.error = (f"the Organization's accounts after the {len(out)} listed: "
-                          f'organizations:ListAccounts {cancellation.reason}')
+                          + (f'organizations:ListAccounts {cancellation.reason}' if cancellation.reason
+                             else str(e) if isinstance(e, AuthError) else core.first_line(e)))
             out.append(rest)
-        if self.only is None:
+        if self.only is None and not any(m.account_id == UNLISTED for m in out):
+            # (Not from a listing cut short: an id on a page never read is no typo.)
             self._say_what_selects_nothing(excluded - organization_ids, out, listed)
         self.identity()     # the keys' own failure first
 
@@ -2383,7 +2395,8 @@ class CollectorAccount:
         except ClientError as e:
             raise AuthError(describe_client_error(e, 'organizations:ListAccounts') + (
                 ': list the accounts in account[\'member_accounts\'], or use the management '
-                'account (or a delegated administrator)' if 'AccessDenied' in str(e) else '')) from None
+                'account (or a delegated administrator)' if 'AccessDenied' in str(e) else ''),
+                e.response.get('Error', {}).get('Code')) from None
         except BotoCoreError as e:
             raise AuthError(f'organizations:ListAccounts failed: {core.first_line(e)}') from None
 

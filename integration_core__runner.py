@@ -269,7 +269,7 @@ class Runner:
         expire = getattr(collector, 'expire', None)
         if callable(expire):
             expire(None)        # a collector run again: the last run's deadline is past
-        watch = deadline.watch(expire) if deadline else None
+        watch = deadline.watch(expire, len(self.collectors) - number + 1) if deadline else None
         identified = False
         try:
             # start() (optional) lets the identity call overlap the first pages.
@@ -277,7 +277,7 @@ class Runner:
             ident = collector.identity()
             identified = True
         except Exception as e:  # the account as a whole failed: one line, not one per region
-            why = deadline.reason if watch and watch.fired else _one_line(e)
+            why = watch.reason if watch and watch.fired else _one_line(e)
             return _fail(status, label, f'account: {why}')
         finally:
             # Also on Func's timeout, which no `except Exception` sees: the
@@ -292,7 +292,8 @@ class Runner:
             # A collector of several accounts: these credentials list and
             # open them; each account has its own line (_log_accounts), the
             # one they belong to included when it is collected.
-            LOG.info('%s %d account(s), through %s via %s (%s)', label, len(accounts),
+            LOG.info('%s %d account(s), through %s via %s (%s)', label,
+                     len([a for a in accounts if not a.get('unlisted')]),
                      ident.get('arn'), ident.get('method'), ident.get('partition'))
         else:
             LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
@@ -667,16 +668,18 @@ class Deadline:
     limit, so that what was collected is delivered and recorded, and what was
     not finished fails with one line each, instead of the task's timeout
     ending the run with nothing delivered (an account whose endpoint hangs
-    would cost every other account's points)."""
+    would cost every other account's points). The collectors of a run share
+    the time: each may take the time left divided by the collectors still to
+    run, so that one that hangs leaves the next (CloudWatch after EC2) its
+    part."""
 
     ADVICE = 'raise DFF.API(timeout=...), or split the accounts over several startup scripts'
 
     def __init__(self, left):
         share, low, high = DEADLINE_RESERVE
         self.reserve = min(high, max(low, left * share), left / 2)
-        self.at = time.monotonic() + left - self.reserve
-        self.reason = (f"unfinished {self.reserve:.3g} s before the task's time limit, stopped so "
-                       f'that what was collected is delivered: {self.ADVICE}')
+        self.limit = time.monotonic() + left
+        self.at = self.limit - self.reserve
 
     @classmethod
     def of_task(cls):
@@ -695,24 +698,35 @@ class Deadline:
     def near(self):
         return f"the task's time limit is under {self.reserve:.3g} s away: {self.ADVICE}"
 
-    def watch(self, expire):
-        """expire(reason) at the deadline, on a timer's thread (a collector's
-        expire stops its requests); None for a collector without one."""
-        return _DeadlineWatch(self, expire) if callable(expire) else None
+    def reason(self):
+        """The line of what a collector had not finished when stopped (now)."""
+        return (f"unfinished {self.limit - time.monotonic():.3g} s before the task's time limit, "
+                f'stopped so that what was collected is delivered: {self.ADVICE}')
+
+    def watch(self, expire, collectors_left):
+        """expire(reason) when this collector's share of the time is over, on
+        a timer's thread (a collector's expire stops its requests); None for
+        a collector without one."""
+        if not callable(expire):
+            return None
+        now = time.monotonic()
+        return _DeadlineWatch(self, expire, now + max(0.0, self.at - now) / max(1, collectors_left))
 
 
 class _DeadlineWatch:
-    def __init__(self, deadline, expire):
+    def __init__(self, deadline, expire, at):
         self.fired = False
-        self._expire, self._reason = expire, deadline.reason
-        self._timer = threading.Timer(max(0.0, deadline.at - time.monotonic()), self._fire)
+        self.reason = None
+        self._deadline, self._expire = deadline, expire
+        self._timer = threading.Timer(max(0.0, at - time.monotonic()), self._fire)
         self._timer.daemon = True
         self._timer.name = 'integration-deadline'
         self._timer.start()
 
     def _fire(self):
+        self.reason = self._deadline.reason()
         self.fired = True
-        self._expire(self._reason)
+        self._expire(self.reason)
 
     def cancel(self):
         self._timer.cancel()

@@ -1180,3 +1180,37 @@ def test_management_keys_revoked_while_their_identity_is_kept_are_one_line(aws, 
         assert len(failed) == 1 and 'FAILED: account: AuthError: sts:GetCallerIdentity: InvalidClientTokenId' in failed[0]
     finally:
         proxy.rule = judge
+
+
+def test_keys_refused_at_the_listing_are_asked_about_again_next_run(aws, org, sink, caplog):
+    """The management keys' identity is kept for a day; keys revoked
+    meanwhile fail ListAccounts (one line), and the next run asks their
+    identity again, whose line says what to check."""
+    caplog.set_level('INFO', logger='integration')
+    cache = core.MemoryCache()
+    proxy = org['proxy']
+    account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
+
+    def run():
+        caplog.clear()
+        seen = len(proxy.seen)
+        with pytest.raises(core.RunFailed):
+            core.Runner(ec2.DataCollector(account, {'regions': REGIONS}, cache=cache), force=True).run()
+        return ([r['action'] for r in proxy.seen[seen:] if r['service'] in ('sts', 'organizations')],
+                [r.getMessage() for r in caplog.records if 'FAILED' in r.getMessage()])
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}, cache=cache), force=True).run()
+    judge = proxy.rule
+    proxy.rule = lambda r: ('status', 400, json.dumps({'__type': 'UnrecognizedClientException',
+                                                       'message': 'The security token included in the '
+                                                                  'request is invalid.'}))\
+        if r['access_key'] == org['user']['ak_id'] and r['service'] == 'organizations' else \
+        ('status', 403, STS_REFUSED) if r['access_key'] == org['user']['ak_id'] else judge(r)
+    try:
+        calls, failed = run()
+        assert calls[0] == 'ListAccounts' and len(failed) == 1 and 'UnrecognizedClientException' in failed[0]
+        calls, failed = run()
+        assert calls[0] == 'GetCallerIdentity', calls
+        assert len(failed) == 1 and 'FAILED: account: AuthError: sts:GetCallerIdentity: InvalidClientTokenId' \
+            in failed[0], failed
+    finally:
+        proxy.rule = judge

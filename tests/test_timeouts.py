@@ -233,34 +233,41 @@ def test_cloudwatch_stops_a_hanging_member_account_before_its_timeout(aws, org, 
     assert our_threads_left(core.STOP_GRACE + 1) == []
 
 
-@pytest.mark.parametrize('collector_module', ['ec2', 'cloudwatch'])
-def test_a_listing_the_deadline_cuts_short_collects_what_it_listed(aws, org, sink, caplog,
-                                                                    collector_module):
-    """ListAccounts' second page hangs: at the deadline the accounts of the
-    first page are collected and delivered, and the accounts not listed are
-    one line; the run ends failed by itself before its timeout."""
+@pytest.mark.parametrize('collector_module, failure', [('ec2', 'deadline'), ('cloudwatch', 'deadline'),
+                                                       ('ec2', 'throttled')])
+def test_a_listing_that_fails_part_way_collects_what_it_listed(aws, org, sink, caplog, monkeypatch,
+                                                               collector_module, failure):
+    """ListAccounts' second page hangs until the deadline, or is throttled
+    past botocore's retries: the accounts of the first page are collected
+    and delivered, the accounts not listed are one line, the run ends failed
+    by itself before its timeout, and an excluded id on the page never read
+    is no typo."""
     import json
     import integration_aws_cloudwatch__main as cw
     from org_estate import EXTERNAL_ID, REGIONS, ROLE
     caplog.set_level('INFO', logger='integration')
+    monkeypatch.setenv('AWS_MAX_ATTEMPTS', '1')
     members, proxy = org['members'], org['proxy']
     judge, forward = proxy.rule, proxy._forward
+    excluded = members['without-role']['id']
+    throttled = json.dumps({'__type': 'TooManyRequestsException', 'Message': 'Rate exceeded'})
 
     def rule(request):
         if request['action'] == 'ListAccounts' and b'NextToken' in request['body']:
-            return ('delay', 60)
+            return ('delay', 60) if failure == 'deadline' else ('status', 400, throttled)
         return judge(request)
 
-    def paged(method, path, headers, body):         # a first page that says more follow
+    def paged(method, path, headers, body):         # a first page, without the excluded account
         status, response_headers, data = forward(method, path, headers, body)
         if headers.get('X-Amz-Target', '').endswith('ListAccounts') and b'NextToken' not in body:
-            data = json.dumps(dict(json.loads(data), NextToken='page-2')).encode()
+            answer = json.loads(data)
+            answer['Accounts'] = [a for a in answer['Accounts'] if a['Id'] != excluded]
+            data = json.dumps(dict(answer, NextToken='page-2')).encode()
             response_headers = {k: v for k, v in response_headers.items() if k.lower() != 'content-length'}
         return status, response_headers, data
     proxy.rule, proxy._forward = rule, paged
     account = {'ak_id': org['user']['ak_id'], 'ak_secret': org['user']['ak_secret'],
-               'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID,
-               'exclude_accounts': [members['without-role']['id']]}
+               'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID, 'exclude_accounts': [excluded]}
     module = ec2 if collector_module == 'ec2' else cw
     collector = module.DataCollector(account, {'regions': REGIONS})
     api = {'title': 'org', 'name': 'run', 'timeout': 8, 'func': lambda: core.Runner(collector, force=True).run()}
@@ -270,11 +277,45 @@ def test_a_listing_the_deadline_cuts_short_collects_what_it_listed(aws, org, sin
     finally:
         proxy.rule, proxy._forward = judge, forward
     assert time.monotonic() - started < 8
-    failed = [r.getMessage() for r in caplog.records if 'FAILED' in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records]
+    failed = [line for line in lines if 'FAILED' in line]
+    why = (r"organizations:ListAccounts unfinished [\d.]+ s before the task's time limit" if failure == 'deadline'
+           else 'organizations:ListAccounts: TooManyRequestsException')
     assert len(failed) == 1 and re.search(
-        r"account unlisted FAILED: the Organization's accounts after the \d+ listed: "
-        r"organizations:ListAccounts unfinished [\d.]+ s before the task's time limit", failed[0]), failed
+        rf"account \(not listed\) FAILED: the Organization's accounts after the \d+ listed: {why}",
+        failed[0]), failed
+    assert not [line for line in lines if 'exclude_accounts' in line], lines
     if collector_module == 'ec2':
         healthy = members['with-instances']
         assert sorted(p['tags']['name'] for _, p in sink.points if p['tags'].get('AccountId') == healthy['id']) \
             == sorted(healthy['instances']['us-east-1'] + healthy['instances']['us-west-2'])
+
+
+def test_a_collector_that_hangs_leaves_the_next_its_share_of_the_time(aws, org, sink, caplog):
+    """EC2 and its CloudWatch metrics in one script (scripts/5): one member's
+    EC2 calls hang. EC2 is stopped at its share of the time, and CloudWatch
+    still runs for every account."""
+    import integration_aws_cloudwatch__main as cw
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    caplog.set_level('INFO', logger='integration')
+    members, proxy = org['members'], org['proxy']
+    hung = members['external-id']
+    judge = proxy.rule
+    proxy.rule = lambda r: ('delay', 60) if (r['action'] == 'DescribeInstances' and f":{hung['id']}:" in
+                                            proxy.issued.get(r['access_key'], '')) else judge(r)
+    account = {'ak_id': org['user']['ak_id'], 'ak_secret': org['user']['ak_secret'],
+               'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID,
+               'exclude_accounts': [members['without-role']['id']]}
+    collectors = [ec2.DataCollector(account, {'regions': REGIONS}), cw.DataCollector(account, {'regions': REGIONS})]
+    api = {'title': 'org', 'name': 'run', 'timeout': 12, 'func': lambda: core.Runner(collectors, force=True).run()}
+    started = time.monotonic()
+    try:
+        assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+    finally:
+        proxy.rule = judge
+    assert time.monotonic() - started < 12
+    lines = [r.getMessage() for r in caplog.records]
+    failed = [line for line in lines if 'FAILED' in line]
+    assert len(failed) == 1 and failed[0].startswith(f"[#1 AWS EC2] account {hung['id']} "), failed
+    assert any(line.startswith(f"[#2 AWS CloudWatch] account {hung['id']} (") and ' as arn:' in line
+               for line in lines), lines
