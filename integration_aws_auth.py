@@ -1961,6 +1961,7 @@ class CollectorAccount:
         self._session = None
         self._identity = None
         self._pending_identity = None
+        self._identity_cancellation = None      # the run start_identity was asked by
         self._management_id = None  # the Organization's management account, once asked
         self.clients = []           # of take_client, for keep_clients at the run's end
         self._identity_lock = threading.Lock()
@@ -1995,6 +1996,7 @@ class CollectorAccount:
             self._pending_identity = core.in_background(
                 describe_identity, session, self.account, cache=self.cache, client=sts,
                 keep_keys_for=self._keep_keys_for)
+            self._identity_cancellation = cancellation
 
     def identity(self):
         """The account in use (method, account id, ARN, partition): one sts call,
@@ -2007,6 +2009,11 @@ class CollectorAccount:
                     # timeout leaves it to the next caller), and when it failed,
                     # for the rest of the run: every caller (the Runner, the
                     # accounts' listing) gets its error, none asks again.
+                    # Stopped (the Runner's deadline) while botocore sleeps
+                    # between throttled retries: not waited for.
+                    stopped = self._identity_cancellation.outcome(pending, 'the identity call answered')
+                    if stopped is not None and not pending.done():
+                        raise stopped
                     self._identity = pending.result()
                     self._pending_identity = None
                 else:

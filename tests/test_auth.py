@@ -1275,7 +1275,8 @@ def test_a_failed_identity_call_is_asked_once_a_run_and_again_the_next(monkeypat
     aws = auth.CollectorAccount({'ak_id': 'AKIAEXAMPLE000000001', 'ak_secret': 'x' * 40},
                                 ['us-east-1'])
     monkeypatch.setattr(aws, 'session', lambda: type('S', (), {'region_name': 'us-east-1'})())
-    watching = type('C', (), {'watch': staticmethod(lambda client: client)})()
+    watching = type('C', (), {'watch': staticmethod(lambda client: client),
+                              'outcome': staticmethod(lambda future, what: future.exception())})()
     aws.start_identity(watching)
     for _ in range(3):
         with pytest.raises(auth.AuthError, match='InvalidClientTokenId'):

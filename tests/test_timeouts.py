@@ -321,3 +321,37 @@ def test_a_collector_that_hangs_leaves_the_next_its_share_of_the_time(aws, org, 
     assert len(failed) == 1 and failed[0].startswith(f"[#1 AWS EC2] account {hung['id']} "), failed
     assert any(line.startswith(f"[#2 AWS CloudWatch] account {hung['id']} (") and ' as arn:' in line
                for line in lines), lines
+
+
+def test_an_identity_call_throttled_past_the_deadline_is_one_line_before_the_timeout(aws, user, sink, caplog,
+                                                                                   monkeypatch):
+    """STS throttles GetCallerIdentity: botocore sleeps between its retries
+    (up to 20 s each), which no cancelling wakes. At the deadline the run
+    stops waiting for it: one line, and the run ends failed by itself."""
+    import botocore.retries.standard as standard
+    from servers import FaultProxy
+    caplog.set_level('INFO', logger='integration')
+    throttled = ('<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
+                 '<Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>t</RequestId>'
+                 '</ErrorResponse>')
+    delay_amount = standard.ExponentialBackoff.delay_amount
+
+    def long_delays(self, context):     # botocore's jitter drawn near its top: long sleeps
+        self._random = lambda: 0.99
+        return delay_amount(self, context)
+    monkeypatch.setattr(standard.ExponentialBackoff, 'delay_amount', long_delays)
+    proxy = FaultProxy(aws.url, lambda r: ('status', 400, throttled) if r['action'] == 'GetCallerIdentity'
+                       else None)
+    monkeypatch.setenv('AWS_ENDPOINT_URL', proxy.url)
+    try:
+        collector = ec2.DataCollector({'ak_id': user['ak_id'], 'ak_secret': user['ak_secret']},
+                                      {'regions': ['us-east-1']})
+        api = {'title': 'one', 'name': 'run', 'timeout': 13, 'func': lambda: core.Runner(collector, force=True).run()}
+        started = time.monotonic()
+        assert local_cli.run_api(api) == local_cli.EXIT_FAILED
+        assert time.monotonic() - started < 13
+    finally:
+        proxy.stop()
+    failed = [r.getMessage() for r in caplog.records if 'FAILED' in r.getMessage()]
+    assert len(failed) == 1 and re.search(r"FAILED: account: unfinished [\d.]+ s before the task's time limit",
+                                          failed[0]), failed
