@@ -627,7 +627,7 @@ class _Region:
 
     def stopped(self):
         """The region's error when the run ended before it finished."""
-        return self.run['stop'].reason or 'stopped: the run ended before this region was collected'
+        return self.run['stop'].why('this region was collected')
 
     def _cache(self):
         return self.collector.cache_store()

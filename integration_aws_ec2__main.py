@@ -82,7 +82,6 @@ EARLY_POINTS = 5000
 GC_THRESHOLD = 50000
 TRANSIENT_ERRORS = (ResponseParserError, IncompleteReadError, ResponseStreamingError)
 PAGE_ATTEMPTS = 4
-STOPPED = 'stopped: the run ended before this region was collected'
 BUILT_IN_TAGS = ('name', 'InstanceId', 'InstanceType', 'PlatformDetails', 'RegionId',
                  'InstanceName', 'State', 'StateReason_Code', 'AvailabilityZone', 'cloud_provider')
 # Extra hints for the region errors users meet most.
@@ -540,9 +539,8 @@ def _finish(run):
 
 
 def _stopped(run):
-    """A region's error when the run ended before it finished: the Runner's
-    deadline says why, else STOPPED."""
-    return run['stop'].reason or STOPPED
+    """A region's error when the run ended before it finished."""
+    return run['stop'].why('this region was collected')
 
 
 def _acquire(slots, stop):

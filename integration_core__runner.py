@@ -505,7 +505,7 @@ class ObjectLinks:
         if stopped:
             read = set()
         elif results is not None:
-            several = bool(getattr(collector, 'accounts', lambda: [])()) or any(
+            several = getattr(collector, 'several_accounts', False) or any(
                 r.get('account') for r in results)
             read = {(r.get('account'), r.get('region')) for r in results if not r.get('error')}
         objects, seen = self._last()
@@ -1747,7 +1747,12 @@ class Cancellation:
                 return future.exception(timeout=0.5)
             except FutureTimeout:
                 if self.overdue():
-                    return Cancelled(self.reason or f'the run ended before {what}')
+                    return Cancelled(self.why(what))
+
+    def why(self, what):
+        """Why `what` was not done: the Runner's deadline's reason, or the
+        run's end."""
+        return self.reason or f'stopped: the run ended before {what}'
 
     def _refuse(self, **_):
         if self._event.is_set():
@@ -1901,7 +1906,7 @@ def held(semaphore, cancellation, what):
     Cancelled, saying `what` was not done, when the run ends first."""
     while True:
         if cancellation.is_set():
-            raise Cancelled(f'the run ended before {what}')
+            raise Cancelled(cancellation.why(what))
         if semaphore.acquire(timeout=0.5):
             break
     try:
