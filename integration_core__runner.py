@@ -330,6 +330,19 @@ class Runner:
         if delivery is not None:
             getattr(collector, 'commit', lambda: None)()
         results = list(getattr(collector, 'results', []))
+        status['regions'] = results
+        # The regions read first, the failures after them: Func keeps only the
+        # first 20,000 and the last 30,000 characters of a task's log, and an
+        # Organization's hundreds of region lines must not push a failure out.
+        for region in results:
+            if region.get('error'):
+                continue
+            if region.get('summary'):
+                LOG.info('%s %s: %s, %.2f s', label, _where(region), region['summary'], region['seconds'])
+            else:
+                LOG.info('%s %s: %d instance(s), %d page(s), %d API call(s), %.2f s', label,
+                         _where(region), region['instances'], region['pages'],
+                         region['api_calls'], region['seconds'])
         # An account of several whose every region failed (its role may not
         # read anything, say) is one line, not one per region.
         whole = _accounts_failed_everywhere(results)
@@ -339,18 +352,9 @@ class Runner:
                       len(regions), regions[0]['error'])
             failed_accounts.append(account)
         for region in results:
-            status['regions'].append(region)
-            where = _where(region)
-            if region.get('error') and region.get('account') in whole:
-                LOG.debug('%s %s FAILED: %s', label, where, region['error'])
-            elif region.get('error'):
-                LOG.error('%s %s FAILED: %s', label, where, region['error'])
-            elif region.get('summary'):
-                LOG.info('%s %s: %s, %.2f s', label, where, region['summary'], region['seconds'])
-            else:
-                LOG.info('%s %s: %d instance(s), %d page(s), %d API call(s), %.2f s', label,
-                         where, region['instances'], region['pages'],
-                         region['api_calls'], region['seconds'])
+            if region.get('error'):
+                (LOG.debug if region.get('account') in whole else LOG.error)(
+                    '%s %s FAILED: %s', label, _where(region), region['error'])
         failed_regions = [_where(r) for r in status['regions']
                           if r.get('error') and r.get('account') not in whole]
         failures = ([f'{len(failed_accounts)} account(s) failed: {", ".join(failed_accounts)}']

@@ -865,21 +865,35 @@ def test_an_account_failing_in_every_region_is_one_line(aws, org, sink, caplog):
     core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()   # sessions made
     proxy = org['proxy']
     denied = {key for key, arn in proxy.issued.items() if f":{members['with-instances']['id']}:" in arn}
+    # And one region of another account: a failure of its own line.
+    ext = members['external-id']
+    denied_here = {key for key, arn in proxy.issued.items() if f":{ext['id']}:" in arn}
     judge = proxy.rule
     proxy.rule = lambda request: (
         ('status', 403, ec2_error('UnauthorizedOperation', 'You are not authorized to perform this operation.'))
-        if request['action'] == 'DescribeInstances' and request['access_key'] in denied else judge(request))
+        if request['action'] == 'DescribeInstances' and (
+            request['access_key'] in denied
+            or request['access_key'] in denied_here and request['region'] == 'us-west-2')
+        else judge(request))
     caplog.clear()
     sink.points.clear()
     with pytest.raises(core.RunFailed) as failed:
         core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
     broken = members['with-instances']
+    why = ('ec2:DescribeInstances: UnauthorizedOperation: You are not authorized to perform this operation. '
+           "(allow ec2:DescribeInstances in this region (see the README's policy))")
     assert failure_lines(caplog) == [
-        f"[#1 AWS EC2] account {broken['id']} ({broken['name']}) FAILED in every region (2): "
-        'ec2:DescribeInstances: UnauthorizedOperation: You are not authorized to perform this operation. '
-        "(allow ec2:DescribeInstances in this region (see the README's policy))"]
-    assert str(failed.value).endswith(f"1 account(s) failed: {broken['id']}")
-    assert members['external-id']['id'] in by_account(sink)
+        f"[#1 AWS EC2] account {broken['id']} ({broken['name']}) FAILED in every region (2): {why}",
+        f"[#1 AWS EC2] {ext['id']} us-west-2 FAILED: {why}"]
+    assert str(failed.value).endswith(f"1 account(s) failed: {broken['id']}; "
+                                      f"1 region(s) failed: {ext['id']} us-west-2")
+    assert ext['id'] in by_account(sink)
+    # The failures come after every region read: Func keeps a long log's
+    # first and last characters only, and hundreds of region lines come
+    # between an Organization's account lines and its end.
+    lines = [r.getMessage() for r in caplog.records]
+    read = [i for i, line in enumerate(lines) if re.search(r'\d{12} us-[a-z]+-\d: \d+ instance', line)]
+    assert read and max(read) < min(lines.index(line) for line in failure_lines(caplog))
 
 
 REGIONS_XML = ('<DescribeRegionsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>r</requestId>'
