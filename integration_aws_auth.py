@@ -1762,6 +1762,19 @@ class _TemporaryCredentialFetcher:
         self.cache.set(self.cache_key, _seal(self._seal_keys, json.dumps(record)), expire=expire)
 
 
+def _account_states(response):
+    """{account id: State} of a ListAccounts answer (JSON). AWS retired the
+    accounts' Status on 2026-09-09 for State (PENDING_ACTIVATION, ACTIVE,
+    SUSPENDED, PENDING_CLOSURE, CLOSED): without it a closed account, which
+    stays listed for 90 days, would count as ACTIVE."""
+    try:
+        accounts = json.loads(response.get('body') or b'{}').get('Accounts')
+        return {a['Id']: a['State'] for a in accounts
+                if isinstance(a.get('Id'), str) and isinstance(a.get('State'), str)}
+    except (ValueError, TypeError, AttributeError):
+        return {}       # not an answer of accounts (an error): botocore's to read
+
+
 def _code_refused(error):
     """AWS's answer to an MFA code it does not accept (wrong, expired or used)."""
     err = error.response.get('Error', {})
@@ -2393,12 +2406,18 @@ class CollectorAccount:
                               text_timestamps=self.text_timestamps)
 
     def _list_accounts(self, cancellation, take):
-        """take([(id, name, status)]) for each page of the Organization's accounts."""
+        """take([(id, name, state)]) for each page of the Organization's accounts."""
         session = self.session()
         client = cancellation.watch(session.client('organizations', region_name=session.region_name))
+        # An account's State as AWS sent it, read from the answer itself: the
+        # botocore of Func (1.37) has no State in its model, and drops it.
+        states = {}
+        client.meta.events.register('before-parse.organizations.ListAccounts',
+                                    lambda response_dict, **_: states.update(_account_states(response_dict)))
         try:
             for page in client.get_paginator('list_accounts').paginate():
-                take([(a['Id'], a.get('Name'), a.get('Status', 'ACTIVE')) for a in page['Accounts']])
+                take([(a['Id'], a.get('Name'), a.get('State') or states.get(a['Id']) or a.get('Status')
+                       or 'ACTIVE') for a in page['Accounts']])
         except ClientError as e:
             raise AuthError(describe_client_error(e, 'organizations:ListAccounts') + (
                 ': list the accounts in account[\'member_accounts\'], or use the management '

@@ -896,6 +896,63 @@ def test_an_account_failing_in_every_region_is_one_line(aws, org, sink, caplog):
     assert read and max(read) < min(lines.index(line) for line in failure_lines(caplog))
 
 
+def _strip_account_state(monkeypatch):
+    """Func's botocore (1.37): an organizations model without Account.State,
+    whose parser drops it from the answer."""
+    import copy
+    import botocore.loaders
+    load = botocore.loaders.Loader.load_service_model
+
+    def without_state(self, service_name, type_name, api_version=None):
+        model = load(self, service_name, type_name, api_version)
+        if service_name == 'organizations' and type_name == 'service-2':
+            model = copy.deepcopy(model)
+            model['shapes']['Account']['members'].pop('State', None)
+        return model
+    monkeypatch.setattr(botocore.loaders.Loader, 'load_service_model', without_state)
+
+
+@pytest.mark.parametrize('answer', ['state only', 'state and status', 'state only, model without it'])
+def test_an_account_not_active_by_its_state_is_one_line_and_no_call(aws, org, sink, caplog, monkeypatch,
+                                                                     answer):
+    """AWS retired an account's Status on 2026-09-09 for State; State decides,
+    Status or not beside it, and also where botocore's model does not know it."""
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    not_active = {'999988887771': 'SUSPENDED', '999988887772': 'CLOSED',
+                  '999988887773': 'PENDING_CLOSURE', '999988887774': 'PENDING_ACTIVATION'}
+    listed = [('123456789012', 'management')] + [(m['id'], m['name']) for m in members.values()] + [
+        (account_id, f'acct-{state.lower()}') for account_id, state in not_active.items()]
+
+    def account(account_id, name):
+        entry = {'Id': account_id, 'Name': name, 'Email': f'{account_id}@example.com',
+                 'Arn': f'arn:aws:organizations::123456789012:account/o-example/{account_id}',
+                 'State': not_active.get(account_id, 'ACTIVE')}
+        if answer == 'state and status':     # Status still ACTIVE while State is being activated
+            entry['Status'] = {'PENDING_ACTIVATION': 'ACTIVE'}.get(entry['State'], entry['State'])
+        return entry
+    judge = org['proxy'].rule
+    org['proxy'].rule = lambda request: (
+        ('status', 200, json.dumps({'Accounts': [account(*a) for a in listed]}))
+        if request['action'] == 'ListAccounts' else judge(request))
+    if answer == 'state only, model without it':
+        _strip_account_state(monkeypatch)
+    collector = ec2.DataCollector(org_account(org, exclude_accounts=[members['without-role']['id']]),
+                                  {'regions': REGIONS})
+    with aws.recording() as calls:
+        core.Runner(collector, force=True).run()
+    lines = [r.getMessage() for r in caplog.records]
+    for account_id, state in not_active.items():
+        assert [line for line in lines if account_id in line] == [
+            f'[#1 AWS EC2] account {account_id} (acct-{state.lower()}) skipped: the account is {state}']
+    assumed = [c for c in calls if c['action'] == 'AssumeRole']
+    assert not [c for c in assumed if any(a in json.dumps(c) for a in not_active)]
+    assert set(by_account(sink)) == {members['with-instances']['id'], members['external-id']['id']}
+    described = {org['proxy'].issued.get(c['access_key'], 'not a member session').split(':')[4]
+                 for c in calls if c['action'] == 'DescribeInstances'}
+    assert described == {'123456789012', members['with-instances']['id'], members['external-id']['id']}
+
+
 REGIONS_XML = ('<DescribeRegionsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>r</requestId>'
                '<regionInfo>{}</regionInfo></DescribeRegionsResponse>')
 
