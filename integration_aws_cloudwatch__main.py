@@ -636,7 +636,13 @@ class _Region:
         # By the account that answered, not only the keys that asked: two
         # machines' instance roles share a Func's Redis.
         account_id = self.member.account_id or self.collector.identity().get('account_id')
-        scope = scope or self.collector.record_scope
+        if scope is None:
+            scope = self.collector.record_scope
+            if what == 'written' and self.member.tags:
+                # An Organization's points carry the account's tags (AccountId,
+                # AccountName when listed): other series than those of a
+                # script of that account alone, each with buckets of its own.
+                scope += ':' + '+'.join(sorted(self.member.tags))
         return f'integration_aws_cloudwatch:{what}:{scope}:{account_id}:{self.region}'
 
 

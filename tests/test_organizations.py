@@ -419,6 +419,46 @@ def test_cloudwatch_covers_every_member_account(aws, org, sink):
     assert point['tags']['AccountId'] == wanted['id'] and point['tags']['InstanceType']
 
 
+def test_cloudwatch_series_of_an_account_alone_and_of_the_organization_each_get_every_bucket(
+        aws, org, sink):
+    """A script of one member account alone (the user's page) and the
+    Organization's scripts, listing it or naming it, write different series
+    (AccountId, AccountName among the tags or not) of the same metrics: each
+    has its own record of the buckets written, so none takes another's."""
+    import datetime
+    import time
+    wanted = org['members']['with-instances']
+    instance = wanted['instances']['us-west-2'][0]
+    now = float(int(time.time()) // 300 * 300 + 17)
+    aws.enforce(False)
+    try:
+        aws.client('cloudwatch', 'us-west-2', member_creds(aws, wanted['id'])).put_metric_data(
+            Namespace='AWS/EC2', MetricData=[{
+                'MetricName': 'CPUUtilization', 'Dimensions': [{'Name': 'InstanceId', 'Value': instance}],
+                'Timestamp': datetime.datetime.fromtimestamp(now - 850 - 300 * k, datetime.timezone.utc),
+                'Value': 40.0 + k} for k in range(3)])
+    finally:
+        aws.enforce()
+    scripts = {
+        'alone': account_of(org['user'], assume_role_arn=f"arn:aws:iam::{wanted['id']}:role/{ROLE}"),
+        'named': org_account(org, member_accounts=[wanted['id']]),
+        'listed': org_account(org, exclude_accounts=[m['id'] for m in org['members'].values()
+                                                     if m is not wanted] + ['123456789012']),
+    }
+    written = {}
+    for name, account in scripts.items():
+        sink.points.clear()
+        core.Runner(cw.DataCollector(account, {'regions': ['us-west-2']}, now=lambda: now),
+                    force=True).run()
+        written[name] = sorted((p['timestamp'], p['tags'].get('AccountId'), p['tags'].get('AccountName'))
+                               for p in sink.metrics() if p['tags'].get('InstanceId') == instance)
+    stamps = [t for t, _, _ in written['alone']]
+    assert len(stamps) == 3
+    assert written['alone'] == [(t, None, None) for t in stamps]
+    assert written['named'] == [(t, wanted['id'], None) for t in stamps]
+    assert written['listed'] == [(t, wanted['id'], wanted['name']) for t in stamps]
+
+
 def test_check_has_a_row_per_account_and_region(aws, org):
     rows = ec2.DataCollector(org_account(org), {'regions': REGIONS}).check()
     members = org['members']
