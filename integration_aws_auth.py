@@ -2465,6 +2465,10 @@ class AwsCollector:
     account_tags = ('AccountId', 'AccountName')     # an Organization's member accounts
 
     def __init__(self, account, configs, filters, after_collect, cache=None, clock=None):
+        with core.said_in_task_log(self.title):
+            self._configure(account, configs, filters, after_collect, cache, clock)
+
+    def _configure(self, account, configs, filters, after_collect, cache, clock):
         validate_account(account)           # the account's mistakes are reported first
         self.configs = self.validate_configs(configs)
         self.aws = CollectorAccount(account, self.configs['regions'], cache=cache, clock=clock,

@@ -144,6 +144,10 @@ class Runner:
 
     def __init__(self, collector_or_list, debug=False, datakit_id='datakit', force=None, *,
                  clock=time.time):
+        with said_in_task_log('Runner'):
+            self._configure(collector_or_list, debug, datakit_id, force, clock)
+
+    def _configure(self, collector_or_list, debug, datakit_id, force, clock):
         self.collectors = (list(collector_or_list)
                            if isinstance(collector_or_list, (list, tuple)) else [collector_or_list])
         if not self.collectors:
@@ -1453,6 +1457,22 @@ def _lp_timestamp(value):
 # --------------------------------------------------------------------------
 
 _RUNTIME = {}   # set by the local runtime only: 'dff', 'mode' ('run' or 'check'), 'force'
+
+
+@contextlib.contextmanager
+def said_in_task_log(label):
+    """A user's mistake found where a startup script makes its collectors and
+    Runner, before any run: inside Func its line is printed as well, as every
+    other mistake's, since the task log shows only what is printed (the
+    exception goes on to end the task). Outside Func the exception is the
+    one report (integration-runner prints it)."""
+    try:
+        yield
+    except ConfigError as e:
+        if in_func():
+            with task_log():
+                LOG.error('[%s] %s', label, e)
+        raise
 
 
 def in_func():

@@ -402,6 +402,27 @@ def test_debug_runs_before_any_connector_exists(modules, seed_estate, aws):
                              r'create one')
 
 
+@pytest.mark.parametrize('mistake, patterns', [
+    ('"member_accounts": [111122223333],', (r"account\['member_accounts'\]\[0\]", r'in quotes')),
+    ('"member_role": "reader",', (r"account\['member_role'\]", r'member_role_name')),
+])
+def test_a_mistake_in_the_account_dict_is_printed_in_the_task_log(modules, seed_estate, aws, mistake,
+                                                                    patterns):
+    """The collector is made in the startup script, before any Runner: its
+    mistake is one line in the task log (which shows only print) as well as
+    the task's exception, and no AWS call is made."""
+    point_worker_at(modules, aws)
+
+    def bad(text):
+        return text.replace('"ak_secret"', mistake + '\n    "ak_secret"', 1)
+    with aws.recording() as calls:
+        r = modules.run(publish_startup(modules, '1_iam_user.py', seed_estate, bad, 'my_aws__mistake'))
+
+    assert_one_clear_failure(r, *patterns)
+    assert len([m for m in r.messages if re.search(patterns[0], m)]) == 1, r
+    assert calls == []
+
+
 def test_an_imds_that_never_answers_points_at_the_hop_limit(modules, datakit):
     """Func in a container on an instance that requires IMDSv2 with the
     default hop limit of 1: the token request times out, and the error says
