@@ -108,6 +108,9 @@ KNOWN_KEYS = (
     'serial_number', 'token_code', 'duration_seconds', 'extra_tags',
     'member_role_name', 'member_external_id', 'member_accounts', 'exclude_accounts',
 )
+# collector_configs keys every AWS collector has, for the line that says so
+# when one is in the account dict.
+SHARED_CONFIG_KEYS = ('regions', 'concurrency', 'retry_mode', 'max_attempts')
 # The keys that only select an Organization's accounts (see freshness_key).
 ACCOUNT_LIST_KEYS = ('member_accounts', 'exclude_accounts')
 SECRET_KEYS = ('ak_secret', 'token_code')
@@ -477,7 +480,8 @@ def validate_account(account, where='account'):
         raise AccountConfigError(
             f'{where} must be a dict such as {{"ak_id": ..., "ak_secret": ...}}, '
             f'not {type(account).__name__}')
-    core.check_keys(account, KNOWN_KEYS, where, AccountConfigError)
+    core.check_keys(account, KNOWN_KEYS, where, AccountConfigError,
+                    elsewhere=(SHARED_CONFIG_KEYS, 'collector_configs'))
     out = {}
     for key, value in account.items():
         if key == 'extra_tags':
@@ -623,6 +627,14 @@ def _check_formats(acc, where):
     for key, pattern, explain in FORMATS:
         if key in acc and not pattern.match(acc[key]):
             raise AccountConfigError(f'{where}[{key!r}] {explain(acc[key])}')
+    # A path named role/ is possible, but this is the ARN's own 'role/' copied
+    # along: every member would fail at its AssumeRole, one line each.
+    if acc.get('member_role_name', '').startswith('role/'):
+        name = acc['member_role_name']
+        raise AccountConfigError(
+            f"{where}['member_role_name'] is {name!r}: give the role's name without 'role/', "
+            f"{name[5:]!r} (the role is assumed as arn:<partition>:iam::<member id>:role/"
+            '<member_role_name>)')
     if 'duration_seconds' in acc:
         role = 'assume_role_arn' in acc
         lo, hi = ROLE_DURATION if role else SESSION_TOKEN_DURATION
@@ -1637,9 +1649,10 @@ class _TemporaryCredentialFetcher:
         if self.method == 'member_role':
             if 'AccessDenied' in line:
                 line += (f"; does the role exist in account {self.account['assume_role_arn'].split(':')[4]} "
-                         'and trust this caller' + (", with account['member_external_id'] as its "
-                                                    'ExternalId' if 'external_id' in self.account else '')
-                         + '?')
+                         'and trust this caller' + (
+                             ", with account['member_external_id'] as its ExternalId?"
+                             if 'external_id' in self.account else
+                             "? If its trust policy requires an ExternalId, set account['member_external_id']"))
         elif 'ExternalId' in line or ('AccessDenied' in line and 'external_id' in self.account):
             line += "; check account['external_id'] against the role's trust policy"
         return line
@@ -2624,6 +2637,7 @@ def _check_rows(aws, config, service, probe, explain, stop, pool):
         if member.error or member.skipped:
             name = f'({member.account_name}) ' if member.account_name else ''
             rows.append({'region': member.account_id, 'ok': not member.error,
+                         'skipped': not member.error,
                          'reason': name + (member.error or f'skipped: {member.skipped}')})
             continue
         try:

@@ -724,7 +724,7 @@ def validate_configs(configs):
     if not isinstance(configs, dict):
         raise core.ConfigError(f"{where} must be a dict such as {{'regions': ['cn-northwest-1'], "
                                f"'targets': [{{'namespace': 'AWS/EC2'}}]}}, not {type(configs).__name__}")
-    core.check_keys(configs, CONFIG_KEYS, where)
+    core.check_keys(configs, CONFIG_KEYS, where, elsewhere=(auth.KNOWN_KEYS, 'account'))
     out = dict(DEFAULTS)
     out.update(configs)
     out['regions'] = auth.check_regions(configs.get('regions'), f"{where}['regions']")

@@ -313,7 +313,7 @@ def _cmd_check(args):
     finally:
         _RUNTIME.pop('mode', None)
     rows = _RUNTIME.pop('check_rows', [])
-    return EXIT_OK if rows and all(r[2] == 'OK' for r in rows) else EXIT_FAILED
+    return EXIT_OK if rows and not any(r[2] == 'FAIL' for r in rows) else EXIT_FAILED
 
 
 def _cmd_serve(args, clock=time.time, stop=None):

@@ -251,6 +251,8 @@ BAD_CONFIGS = [
     ({'regions': ['us-east-1', 'cn-north-1']}, 'mixes partitions'),
     ({'regions': [5]}, "collector_configs['regions'][0] must be a region id string"),
     ({'regions': ['us-east-1'], 'region': 'x'}, "collector_configs['region'] is not a known key; did you mean 'regions'?"),
+    ({'regions': ['us-east-1'], 'member_role_name': 'reader'},
+     "collector_configs['member_role_name'] belongs in account, not in collector_configs: move it there"),
     ({'regions': ['us-east-1'], 'page_size': 5000}, "collector_configs['page_size'] must be a whole number from 5 to 1000"),
     ({'regions': ['us-east-1'], 'concurrency': 0}, "collector_configs['concurrency']"),
     ({'regions': ['us-east-1'], 'retry_mode': 'legacy'}, "'adaptive' or 'standard'"),

@@ -77,6 +77,18 @@ def test_one_script_collects_every_member_account(aws, org, sink, caplog):
     assert all(a.get('ExternalId') == EXTERNAL_ID for a in assume)
 
 
+def test_a_role_that_requires_an_external_id_not_given_says_which_key(aws, org, sink, caplog):
+    caplog.set_level('INFO', logger='integration')
+    ext = org['members']['external-id']
+    account = account_of(org['user'], member_role_name=ROLE, member_accounts=[ext['id']])
+    with pytest.raises(core.RunFailed):
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    (line,) = failure_lines(caplog)
+    assert line.startswith(f"[#1 AWS EC2] account {ext['id']} FAILED: sts:AssumeRole: AccessDenied")
+    assert line.endswith(f"does the role exist in account {ext['id']} and trust this caller? If its trust "
+                         "policy requires an ExternalId, set account['member_external_id']")
+
+
 def test_a_second_run_makes_no_sts_call(aws, org, sink):
     account = org_account(org, exclude_accounts=[org['members']['without-role']['id']])
     core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
@@ -469,6 +481,10 @@ def test_check_has_a_row_per_account_and_region(aws, org):
     assert not by_label[members['without-role']['id']]['ok']
     assert by_label[members['without-role']['id']]['reason'].startswith(
         f"({members['without-role']['name']}) sts:AssumeRole: AccessDenied")
+    assert not by_label[members['without-role']['id']].get('skipped')
+    # Left out by design, and said so: the management account (its role is
+    # there in this estate; refused, it is a skipped row, not an OK one).
+    assert by_label['123456789012 us-east-1']['ok'] and not by_label['123456789012 us-east-1'].get('skipped')
 
 
 BAD = [
@@ -490,6 +506,9 @@ BAD = [
     ({'member_role_name': 'r', 'exclude_accounts': ['１１１１２２２２３３３３']},
      "account['exclude_accounts'][0] must be a 12-digit account id in quotes, e.g. '111122223333', digits 0-9 only (got １１１１２２２２３３３３)"),
     ({'member_role_name': 'réader'}, "account['member_role_name'] must be a role name (1-64 characters of ASCII letters"),
+    ({'member_role_name': 'role/reader'},
+     "account['member_role_name'] is 'role/reader': give the role's name without 'role/', 'reader' (the role is "
+     "assumed as arn:<partition>:iam::<member id>:role/<member_role_name>)"),
     # Blank, the role name would quietly collect the one account.
     ({'member_role_name': ''}, "account['member_role_name'] is empty: name the role to assume in every member account"),
     ({'member_role_name': '   ', 'member_accounts': ['111122223333']}, "account['member_role_name'] is empty"),
@@ -570,7 +589,8 @@ def test_the_management_account_without_the_role_costs_no_sts_call_between_hourl
     # check asks AWS whatever a run found.
     org['proxy'].seen.clear()
     rows = ec2.DataCollector(account, {'regions': REGIONS}, clock=lambda: now[0]).check()
-    assert 'skipped: the management account' in [r for r in rows if r['region'] == '123456789012'][0]['reason']
+    (row,) = [r for r in rows if r['region'] == '123456789012']
+    assert row['ok'] and row['skipped'] and 'skipped: the management account' in row['reason']
     assert management_role in [dict(urllib.parse.parse_qsl(r['body'].decode()))['RoleArn']
                                for r in org['proxy'].seen if r['action'] == 'AssumeRole']
     # The role made there, check says so: the runs after it collect the

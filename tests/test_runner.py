@@ -2,6 +2,7 @@
 the local runtime's command line."""
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -561,6 +562,23 @@ def test_output_prints_line_protocol(seed_estate, write_script):
     assert result.returncode == 0, result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith('aws_ec2,')]
     assert len(lines) >= 3 and all('cloud_provider=AWS' in l for l in lines)
+
+
+def test_check_says_skip_for_what_is_left_out_by_design(monkeypatch, capsys):
+    """A row left out by design (a suspended account, a management account
+    whose role AWS refuses) is neither OK nor a failure."""
+    collector = FakeCollector()
+    collector.check = lambda: [
+        {'region': '111122223333 us-east-1', 'ok': True, 'reason': 'fine'},
+        {'region': '444455556666', 'ok': True, 'skipped': True, 'reason': 'skipped: the account is SUSPENDED'}]
+    monkeypatch.setitem(core._RUNTIME, 'mode', 'check')
+    result = core.Runner(collector).run()
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r'#1  111122223333 us-east-1  OK    fine', lines[1])
+    assert re.fullmatch(r'#1  444455556666\s+SKIP  skipped: the account is SUSPENDED', lines[2])
+    assert result['ok']
+    collector.check = lambda: [{'region': 'us-east-1', 'ok': False, 'reason': 'denied'}]
+    assert not core.Runner(collector).run()['ok']
 
 
 def test_check_prints_a_table_and_writes_nothing(seed_estate, write_script, receiver):
