@@ -184,6 +184,11 @@ IDENTITY_KEY_PREFIX = 'integration_aws_auth:identity:'
 REFUSED_AT_USE_CODES = ('ExpiredToken', 'ExpiredTokenException', 'InvalidClientTokenId',
                         'InvalidToken', 'AuthFailure', 'UnrecognizedClientException',
                         'RequestExpired')
+# A collector's call answered so: the action is denied. To a session that
+# worked in an earlier run and is now denied everywhere, the likely reason
+# is IAM's "Revoke active sessions" (a deny of the sessions issued before
+# it): see CollectorAccount.forget_refused.
+DENIED_CODES = ('UnauthorizedOperation', 'AccessDenied', 'AccessDeniedException')
 # AWS's answers to too many requests (its services name it differently).
 THROTTLING_CODES = ('Throttling', 'ThrottlingException', 'TooManyRequestsException',
                     'RequestLimitExceeded', 'RequestThrottled', 'SlowDown')
@@ -1775,6 +1780,17 @@ class _TemporaryCredentialFetcher:
         self.cache.set(self.cache_key, _seal(self._seal_keys, json.dumps(record)), expire=expire)
 
 
+def note_refusal(result, error):
+    """A region's ClientError: whether AWS refused the session itself
+    (result['refused']) or denied the action (result['denied']), for
+    CollectorAccount.forget_refused."""
+    code = error.response.get('Error', {}).get('Code')
+    if code in REFUSED_AT_USE_CODES:
+        result['refused'] = code
+    elif code in DENIED_CODES:
+        result['denied'] = code
+
+
 def _account_states(response):
     """{account id: State} of a ListAccounts answer (JSON). AWS retired the
     accounts' Status on 2026-09-09 for State (PENDING_ACTIVATION, ACTIVE,
@@ -2149,8 +2165,11 @@ class CollectorAccount:
         or revoked early: ExpiredToken, InvalidClientTokenId, AuthFailure ...)
         is dropped; the collector then collects those accounts once more with
         a new one (AwsCollector.collect). One region's refusal is not enough:
-        an opt-in region not enabled also answers AuthFailure. Returns the
-        Members whose session was dropped."""
+        an opt-in region not enabled also answers AuthFailure. So is a session
+        that worked in an earlier run and is now denied in every region (IAM's
+        "Revoke active sessions" denies the sessions issued before it; a role
+        that never had the permission has no session that worked). Returns
+        the Members whose session was dropped."""
         dropped = []
         by_account = {}
         for result in results:
@@ -2158,10 +2177,15 @@ class CollectorAccount:
         for member in self.collected:
             mine = by_account.get(member.account_id if self.organization else None, [])
             forget = getattr(member.session, 'integration_forget', None)
-            if forget and mine and all(r.get('refused') for r in mine):
-                LOG.warning('[%s] AWS refused the kept session%s in every region (%s): dropped; %s',
-                            self.label, f' of account {member.account_id}' if member.account_id else '',
-                            mine[0]['refused'], 'collecting once more with a new one' if again else
+            worked = getattr(member.session, 'integration_worked', False)
+            why = [r.get('refused') or (r.get('denied') if worked else None) for r in mine]
+            if forget and mine and all(why):
+                refused = mine[0].get('refused')
+                LOG.warning('[%s] AWS %s the kept session%s in every region (%s)%s: dropped; %s',
+                            self.label, 'refused' if refused else 'denied',
+                            f' of account {member.account_id}' if member.account_id else '', why[0],
+                            '' if refused else ', where it worked before (revoked?)',
+                            'collecting once more with a new one' if again else
                             'the next run opens a new one (the run is past its deadline)')
                 forget()
                 dropped.append(member)
@@ -2544,7 +2568,8 @@ class AwsCollector:
     def collect(self):
         """The subclass's _collect(); then, for an account whose kept session
         AWS refused in every region (revoked since its last check; a member
-        session is never checked), that session is dropped and the account
+        session is never checked), or denied there after it worked in an
+        earlier run (forget_refused), that session is dropped and the account
         collected once more with a new one (with MFA that needs a fresh code:
         the line says so); not after the Runner's deadline. A run that
         ended well keeps its member accounts' sessions for the next
@@ -2553,6 +2578,11 @@ class AwsCollector:
         dropped = self.aws.forget_refused(self.results, again=self._expired is None)
         if dropped and self._expired is None:
             yield from self._collect_again(dropped)
+        # The sessions that read a region: a later denial everywhere is news.
+        read = {r.get('account') for r in self.results if not r['error']}
+        for member in self.aws.collected:
+            if member.session is not None and member.account_id in read:
+                member.session.integration_worked = True
         if self.aws.organization:
             keep_member_sessions(m.session for m in self.aws.collected if m.session is not None)
 

@@ -605,8 +605,7 @@ class _Region:
             resp = getattr(self.client, operation)(**params)
         except ClientError as e:
             self._count(name, e.response.get('ResponseMetadata', {}))
-            if e.response.get('Error', {}).get('Code') in auth.REFUSED_AT_USE_CODES:
-                self.result['refused'] = e.response['Error']['Code']
+            auth.note_refusal(self.result, e)
             raise
         self._count(name, resp['ResponseMetadata'])
         return resp

@@ -322,9 +322,7 @@ class DataCollector(auth.AwsCollector):
         except (ClientError, BotoCoreError, auth.AuthError) as e:
             if isinstance(e, ClientError):
                 result['api_calls'] += 1 + e.response.get('ResponseMetadata', {}).get('RetryAttempts', 0)
-                code = e.response.get('Error', {}).get('Code')
-                if code in auth.REFUSED_AT_USE_CODES:
-                    result['refused'] = code
+                auth.note_refusal(result, e)
             # A connection the run's end shut down: said as such.
             result['error'] = (_stopped(run) if stop.is_set() and not isinstance(e, ClientError)
                                else explain_error(e, result['region']))

@@ -165,7 +165,8 @@ class FaultProxy(_Server):
                     self.connection.shutdown(2)
                     return
                 if isinstance(fault, tuple) and fault[0] == 'status':
-                    return self._reply(fault[1], fault[2].encode(), {})
+                    body = fault[2] if isinstance(fault[2], bytes) else fault[2].encode()
+                    return self._reply(fault[1], body, {})
                 if isinstance(fault, tuple) and fault[0] == 'delay':
                     if outer.stopping.wait(fault[1]):
                         self.close_connection = True
@@ -193,6 +194,29 @@ class FaultProxy(_Server):
             return resp.status, dict(resp.getheaders()), resp.read()
         finally:
             conn.close()
+
+
+def cloudwatch_error(code, message):
+    """A CloudWatch error body in the protocol this botocore speaks to it:
+    the query protocol's XML (botocore before 1.38, Func's), JSON, or Smithy
+    RPC v2 CBOR (a map of "__type" and "message")."""
+    import botocore.session
+    model = botocore.session.Session().get_service_model('cloudwatch')
+    protocol = getattr(model, 'resolved_protocol', model.protocol)
+    if protocol == 'query':
+        return (f'<ErrorResponse xmlns="http://monitoring.amazonaws.com/doc/2010-08-01/"><Error>'
+                f'<Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>'
+                '<RequestId>test</RequestId></ErrorResponse>')
+    if protocol == 'json':
+        return json.dumps({'__type': code, 'message': message})
+
+    def text(value):            # a CBOR text string (major type 3)
+        data = value.encode()
+        size = len(data)
+        head = (bytes([0x60 + size]) if size < 24 else bytes([0x78, size]) if size < 256
+                else bytes([0x79]) + size.to_bytes(2, 'big'))
+        return head + data
+    return b'\xa2' + text('__type') + text(code) + text('message') + text(message)
 
 
 def ec2_error(code, message):

@@ -1245,6 +1245,93 @@ def test_a_member_session_aws_revoked_is_replaced_in_the_same_run(aws, org, sink
     assert not [r for r in caplog.records if 'FAILED' in r.getMessage()]
 
 
+@pytest.mark.parametrize('collector', [ec2.DataCollector, cw.DataCollector])
+def test_a_member_session_denied_everywhere_after_it_worked_is_replaced_once(aws, org, sink, caplog,
+                                                                           collector):
+    """IAM's "Revoke active sessions" denies every call of the sessions
+    issued before it (UnauthorizedOperation, AccessDenied): a kept session
+    that worked and is now denied in every region is replaced in the same
+    run. A role that is denied with a new session too costs no AssumeRole in
+    the runs after (its session never worked), nor does a region denied
+    alone (a service control policy's region deny)."""
+    from servers import cloudwatch_error, ec2_error
+    caplog.set_level('INFO', logger='integration')
+    members = org['members']
+    target = members['with-instances']['id']
+    account = org_account(org, member_accounts=[target, members['external-id']['id']])
+    proxy = org['proxy']
+    judge = proxy.rule
+    denied, denied_regions = set(), set(REGIONS)
+
+    def rule(request):
+        if (proxy.issued.get(request['access_key'], '').split(':')[4:5] == [target]
+                and request['region'] in denied_regions
+                and (request['access_key'] in denied or 'all' in denied)):
+            if request['service'] == 'ec2' and request['action'] == 'DescribeInstances':
+                return ('status', 403, ec2_error('UnauthorizedOperation', 'You are not authorized to '
+                                                 'perform this operation. ... with an explicit deny'))
+            if request['service'] == 'monitoring':
+                return ('status', 400, cloudwatch_error(
+                    'AccessDenied', f'User: arn:aws:sts::{target}:assumed-role/r/Integration is not '
+                    'authorized to perform: cloudwatch:GetMetricData with an explicit deny'))
+        return judge(request)
+    proxy.rule = rule
+
+    clock = [time.time()]
+    extra = {}
+    if collector is cw.DataCollector:
+        # A series in each region, and a new bucket each run: every region calls.
+        import datetime
+        extra['now'] = lambda: clock[0]
+        aws.enforce(False)
+        try:
+            for region in REGIONS:
+                aws.client('cloudwatch', region, member_creds(aws, target)).put_metric_data(
+                    Namespace='AWS/EC2', MetricData=[{
+                        'MetricName': 'CPUUtilization', 'Value': 1.0,
+                        'Dimensions': [{'Name': 'InstanceId',
+                                        'Value': members['with-instances']['instances'][region][0]}],
+                        'Timestamp': datetime.datetime.fromtimestamp(clock[0] - 900, datetime.timezone.utc)}])
+        finally:
+            aws.enforce()
+
+    def run():
+        caplog.clear()
+        sink.points.clear()
+        clock[0] += 300
+        failed = None
+        with aws.recording() as calls:
+            try:
+                core.Runner(collector(account, {'regions': REGIONS}, **extra), force=True).run()
+            except core.RunFailed as e:
+                failed = str(e)
+        return failed, len([c for c in calls if c['action'] == 'AssumeRole']), failure_lines(caplog)
+    assert run()[0] is None
+    # Revoked: the sessions issued so far are denied, new ones are not.
+    denied.update(key for key, arn in proxy.issued.items() if arn.split(':')[4] == target)
+    failed, assumed, lines = run()
+    assert (failed, assumed) == (None, 1)
+    code = 'UnauthorizedOperation' if collector is ec2.DataCollector else 'AccessDenied'
+    assert lines == [f'[{collector.title}] AWS denied the kept session of account {target} in every region '
+                     f'({code}), where it worked before (revoked?): dropped; collecting once more with a new one']
+    if collector is ec2.DataCollector:
+        assert target in by_account(sink)
+    # Denied to any session: replaced once (it worked last run), then never.
+    denied.add('all')
+    failed, assumed, lines = run()
+    assert assumed == 1 and failed.endswith(f'1 account(s) failed: {target}')
+    assert len([line for line in lines if 'FAILED' in line]) == 1
+    failed, assumed, lines = run()
+    assert assumed == 0 and failed.endswith(f'1 account(s) failed: {target}')
+    # One region denied to a session that works: no new session.
+    denied.discard('all')
+    run()       # a new session, which works
+    denied.add('all')
+    denied_regions.discard(REGIONS[0])
+    failed, assumed, lines = run()
+    assert assumed == 0 and failed.endswith(f'1 region(s) failed: {target} {REGIONS[1]}')
+
+
 STS_REFUSED = ('<ErrorResponse><Error><Type>Sender</Type><Code>InvalidClientTokenId</Code>'
                '<Message>The security token included in the request is invalid.</Message></Error>'
                '<RequestId>t</RequestId></ErrorResponse>')
