@@ -2181,12 +2181,15 @@ class CollectorAccount:
             why = [r.get('refused') or (r.get('denied') if worked else None) for r in mine]
             if forget and mine and all(why):
                 refused = mine[0].get('refused')
-                LOG.warning('[%s] AWS %s the kept session%s in every region (%s)%s: dropped; %s',
-                            self.label, 'refused' if refused else 'denied',
-                            f' of account {member.account_id}' if member.account_id else '', why[0],
-                            '' if refused else ', where it worked before (revoked?)',
-                            'collecting once more with a new one' if again else
-                            'the next run opens a new one (the run is past its deadline)')
+                # A denial is also a role whose permission was taken away: if
+                # the new session is denied too, its FAILED line is the one.
+                (LOG.warning if refused else LOG.debug)(
+                    '[%s] AWS %s the kept session%s in every region (%s)%s: dropped; %s',
+                    self.label, 'refused' if refused else 'denied',
+                    f' of account {member.account_id}' if member.account_id else '', why[0],
+                    '' if refused else ', where it worked before (revoked?)',
+                    'collecting once more with a new one' if again else
+                    'the next run opens a new one (the run is past its deadline)')
                 forget()
                 dropped.append(member)
         if dropped and not self.organization:
