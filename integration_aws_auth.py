@@ -245,12 +245,14 @@ class AuthError(RuntimeError):
 # --------------------------------------------------------------------------
 
 def get_session(account, region=None, *, regions=None, cache=None, clock=None,
-                where='account', operations=None, text_timestamps=False):
+                where='account', operations=None, text_timestamps=False, watch=None):
     """Return a boto3 Session for `account`, ready for clients in any region of
     its partition. `region` is the session's default region and the STS region
     (defaults to the first of `regions`, else the partition's STS region).
     `cache` has get(key) / set(key, value, expire=seconds) with string values;
-    `clock` returns an aware UTC datetime (tests inject one)."""
+    `clock` returns an aware UTC datetime (tests inject one). `watch`: a
+    Cancellation's watch() for its STS clients (session.integration_watch
+    changes it for a later run)."""
     account = validate_account(account, where)
     core.quiet_sdk_loggers()
     if regions:
@@ -270,6 +272,7 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
             account, bs, region, method,
             cache=cache if cache is not None else _default_cache(),
             clock=clock or _utcnow)
+        fetcher.watch = watch
         bs._credentials = fetcher.refreshable_credentials()
         binding = fetcher.binding
         forget = fetcher.forget
@@ -279,6 +282,7 @@ def get_session(account, region=None, *, regions=None, cache=None, clock=None,
                            _seal_keys(frozen.secret_key), None, bool(frozen.token))
     session = _boto3_session(bs, region)
     session.integration_forget = forget
+    session.integration_watch = (lambda watch: setattr(fetcher, 'watch', watch)) if forget else None
     # What a member account's session (member_session) is bound to: the base
     # credentials behind this one, never the secret itself. Assuming the
     # member roles is role chaining (1 hour at most) when these credentials
@@ -1502,6 +1506,8 @@ class _TemporaryCredentialFetcher:
         sts = self.bs.create_client(
             'sts', region_name=self.region, aws_access_key_id=record['access_key'],
             aws_secret_access_key=record['secret_key'], aws_session_token=record['token'])
+        if self.watch:
+            sts = self.watch(sts)
         try:
             ident = sts.get_caller_identity()
         except ClientError as e:
@@ -1563,7 +1569,7 @@ class _TemporaryCredentialFetcher:
             client = self.bs.create_client(
                 'sts', region_name=self.region, aws_access_key_id=self.account['ak_id'],
                 aws_secret_access_key=self.account['ak_secret'])
-        # A member role's STS calls end with the run that makes them.
+        # The STS calls end with the run that makes them (its deadline, its end).
         return self.watch(client) if self.watch else client
 
     def _call_sts(self):
@@ -2008,11 +2014,15 @@ class CollectorAccount:
         self.clients = []           # of take_client, for keep_clients at the run's end
         self._identity_lock = threading.Lock()
         self.fresh = None           # the Runner's skip rule (use_freshness)
-        self._watch = None          # a Cancellation's watch() for the member roles' STS clients
+        self._watch = None          # the run's Cancellation's watch(), for its STS clients
         self.collected = []         # the Members of the last members() call
         self.only = None            # account ids a second round is limited to
 
     def session(self):
+        """The account's own session (get_session), made at the first call:
+        its STS calls (a role's AssumeRole, MFA's GetSessionToken, the hourly
+        check of a kept session, ['*']'s partition) end with the run, at its
+        deadline too (start_identity gives the run's watch first)."""
         if self._session is None:
             if self.partition is None:
                 self.partition = self._discover_partition()
@@ -2021,12 +2031,15 @@ class CollectorAccount:
             self._session = get_session(
                 self.account, region=home, regions=None if self.regions == ['*'] else self.regions,
                 cache=self.cache, clock=self.clock, operations=self.operations,
-                text_timestamps=self.text_timestamps)
+                text_timestamps=self.text_timestamps, watch=self._watch)
         return self._session
 
     def start_identity(self, cancellation, config=None):
         """Begin the identity call in the background (a no-op once known or
         under way; a run again after it failed asks again)."""
+        self._watch = cancellation.watch
+        if self._session is not None and self._session.integration_watch:
+            self._session.integration_watch(cancellation.watch)     # a collector run again
         pending = self._pending_identity
         if pending is not None and pending.done() and pending.exception() is not None:
             self._pending_identity = None
@@ -2478,9 +2491,13 @@ class CollectorAccount:
         errors = []
         for partition, region in PARTITION_STS_REGION.items():
             try:
-                session = get_session(self.account, region=region, cache=self.cache, clock=self.clock)
-                self._identity = describe_identity(session, self.account, cache=self.cache)
-                return partition
+                session = get_session(self.account, region=region, cache=self.cache, clock=self.clock,
+                                      watch=self._watch)
+                sts = session.client('sts', region_name=region)
+                self._identity = describe_identity(
+                    session, self.account, cache=self.cache,
+                    client=self._watch(sts) if self._watch else sts, keep_keys_for=self._keep_keys_for)
+                return self._identity['partition']
             except AuthError as e:
                 errors.append(f'{partition}: {e}')
                 if 'InvalidClientTokenId' not in str(e) and 'AuthFailure' not in str(e):

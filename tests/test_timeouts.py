@@ -235,6 +235,62 @@ def test_cloudwatch_stops_a_hanging_member_account_before_its_timeout(aws, org, 
     assert our_threads_left(core.STOP_GRACE + 1) == []
 
 
+@pytest.mark.parametrize('hanging', ['its role', 'its kept session\'s hourly check', "['*']'s partition"])
+@pytest.mark.parametrize('collector_module', ['ec2', 'cloudwatch'])
+def test_the_accounts_own_sts_call_that_hangs_ends_before_the_timeout(aws, org, sink, caplog, collector_module,
+                                                                      hanging):
+    """The session of the account itself: its role's AssumeRole, the hourly
+    GetCallerIdentity of its kept session, or ['*']'s GetCallerIdentity that
+    finds the partition, hangs. The run is stopped at its deadline like any
+    other call: one line, and it ends failed by itself before the timeout."""
+    import datetime
+    import integration_aws_cloudwatch__main as cw
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    caplog.set_level('INFO', logger='integration')
+    proxy = org['proxy']
+    judge = proxy.rule
+    now = [datetime.datetime.now(datetime.timezone.utc)]
+    cache = core.MemoryCache(clock=lambda: now[0].timestamp())
+    account = {'ak_id': org['user']['ak_id'], 'ak_secret': org['user']['ak_secret'],
+               'member_role_name': ROLE, 'member_external_id': EXTERNAL_ID,
+               'member_accounts': [org['members']['with-instances']['id']]}
+    if hanging != "['*']'s partition":
+        account['assume_role_arn'] = f'arn:aws:iam::123456789012:role/{ROLE}'
+    module = ec2 if collector_module == 'ec2' else cw
+    regions = ['*'] if hanging == "['*']'s partition" else REGIONS
+
+    def run(timeout):
+        collector = module.DataCollector(account, {'regions': regions}, cache=cache, clock=lambda: now[0])
+        api = {'title': 'org', 'name': 'run', 'timeout': timeout,
+               'func': lambda: core.Runner(collector, force=True).run()}
+        started = time.monotonic()
+        return local_cli.run_api(api), time.monotonic() - started
+    if hanging == "its kept session's hourly check":
+        run(30)                                     # the role's session, kept
+        now[0] += datetime.timedelta(minutes=90)    # its last check an hour old
+        caplog.clear()
+    hub = account.get('assume_role_arn')
+
+    def rule(request):
+        params = dict(urllib.parse.parse_qsl(request['body'].decode()))
+        if hanging == 'its role' and request['action'] == 'AssumeRole' and params.get('RoleArn') == hub:
+            return ('delay', 60)
+        if hanging != 'its role' and request['action'] == 'GetCallerIdentity':
+            return ('delay', 60)
+        return judge(request)
+    proxy.rule = rule
+    try:
+        outcome, seconds = run(8)
+    finally:
+        proxy.rule = judge
+    assert outcome == local_cli.EXIT_FAILED and seconds < 8, (outcome, seconds)
+    failed = [r.getMessage() for r in caplog.records if 'FAILED' in r.getMessage()]
+    assert len(failed) == 1 and re.search(r"FAILED: account: .*unfinished [\d.]+ s before the task's time "
+                                          r'limit', failed[0]), failed
+    assert not [r for r in caplog.records if 'stopped after its timeout' in r.getMessage()]
+    assert our_threads_left(core.STOP_GRACE + 1) == []
+
+
 @pytest.mark.parametrize('collector_module, failure', [('ec2', 'deadline'), ('cloudwatch', 'deadline'),
                                                        ('ec2', 'throttled')])
 def test_a_listing_that_fails_part_way_collects_what_it_listed(aws, org, sink, caplog, monkeypatch,
