@@ -302,7 +302,7 @@ class Runner:
         else:
             LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
                      ident.get('partition'), ident.get('arn'), ident.get('method'))
-        failed_accounts = self._log_accounts(label, status, accounts)
+        failed_accounts = self._log_accounts(label, status, accounts)     # its failures: at the end
         started = time.monotonic()
         failed_before = delivery.failed_points if delivery else 0
         batch = []
@@ -347,6 +347,11 @@ class Runner:
                 LOG.info('%s %s: %d instance(s), %d page(s), %d API call(s), %.2f s', label,
                          _where(region), region['instances'], region['pages'],
                          region['api_calls'], region['seconds'])
+        for account in accounts:
+            if account.get('error'):
+                name = f" ({account['account_name']})" if account.get('account_name') else ''
+                LOG.error('%s account %s%s FAILED: %s', label, account['account_id'], name,
+                          account['error'])
         # An account of several whose every region failed (its role may not
         # read anything, say) is one line, not one per region.
         whole = _accounts_failed_everywhere(results)
@@ -382,13 +387,13 @@ class Runner:
 
     @staticmethod
     def _log_accounts(label, status, accounts):
-        """A collector of several accounts: one line for each; the failed ones."""
+        """A collector of several accounts: the line of each account collected
+        or skipped; the ids of the failed ones, whose lines come after the
+        regions' (_run_collector)."""
         failed = []
         for account in accounts:
             name = f" ({account['account_name']})" if account.get('account_name') else ''
             if account.get('error'):
-                LOG.error('%s account %s%s FAILED: %s', label, account['account_id'], name,
-                          account['error'])
                 failed.append(account['account_id'])
             elif account.get('skipped'):
                 LOG.info('%s account %s%s skipped: %s', label, account['account_id'], name,

@@ -56,6 +56,10 @@ def test_one_script_collects_every_member_account(aws, org, sink, caplog):
         'sts:AssumeRole: AccessDenied' in failed[0]
     assert f'does the role exist in account {broken} and trust this caller' in failed[0]
     assert f'1 account(s) failed: {broken}' in str(info.value)
+    # After every region line: Func keeps a long log's first and last
+    # characters only (a hundred accounts' lines come before the regions').
+    read = [i for i, line in enumerate(lines) if re.search(r'\d{12} us-[a-z]+-\d: \d+ instance', line)]
+    assert len(read) == 6 and max(read) < lines.index(failed[0])
     for member in ('with-instances', 'external-id'):
         account_id = members[member]['id']
         assert any(f"account {account_id} ({members[member]['name']}) as arn:aws:sts::{account_id}:"
