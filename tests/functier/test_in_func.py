@@ -703,6 +703,37 @@ def test_an_organization_in_one_task_then_without_sts(modules, org, aws, datakit
         'the next task took the Session objects of the last, not new ones'
 
 
+def test_an_account_closed_by_its_state_alone_is_skipped_in_func(modules, org, aws, datakit):
+    """AWS retired an account's Status for State on 2026-09-09, which Func's
+    botocore (1.37) does not know: its parser drops it. A closed account that
+    only State says is closed is one "skipped" line, never an AssumeRole."""
+    import json
+    from org_estate import EXTERNAL_ID, REGIONS, ROLE
+    members, proxy = org['members'], org['proxy']
+    listed = [('123456789012', 'management', 'ACTIVE'), (members['with-instances']['id'], 'ok', 'ACTIVE'),
+              ('999988887772', 'closed-last-week', 'CLOSED')]
+    answer = json.dumps({'Accounts': [
+        {'Id': i, 'Name': n, 'State': state, 'Email': f'{i}@example.com',
+         'Arn': f'arn:aws:organizations::123456789012:account/o-example/{i}'} for i, n, state in listed]})
+    judge = proxy.rule
+    proxy.rule = lambda request: ('status', 200, answer) if request['action'] == 'ListAccounts' \
+        else judge(request)
+    modules.set_process_env(AWS_ENDPOINT_URL=proxy.url)
+    modules.set_env('INTEGRATION_FORCE', 'true')
+    modules.publish('my_aws__org_state', ORG_SCRIPT.format(
+        ak_id=org['user']['ak_id'], ak_secret=org['user']['ak_secret'], role=ROLE,
+        external_id=EXTERNAL_ID, regions=REGIONS))
+    try:
+        with aws.recording() as calls:
+            r = modules.run('my_aws__org_state.run')
+    finally:
+        proxy.rule = judge
+
+    assert_success(r)
+    assert line_matching(r.messages, r'account 999988887772 \(closed-last-week\) skipped: the account is CLOSED')
+    assert not [c for c in calls if c['action'] == 'AssumeRole' and '999988887772' in json.dumps(c)]
+
+
 @pytest.mark.parametrize('hanging', ['AssumeRole', 'DescribeInstances'])
 def test_an_organization_whose_member_hangs_delivers_the_others_before_the_timeout(
         modules, org, aws, datakit, hanging):
