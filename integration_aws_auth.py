@@ -108,9 +108,10 @@ KNOWN_KEYS = (
     'serial_number', 'token_code', 'duration_seconds', 'extra_tags',
     'member_role_name', 'member_external_id', 'member_accounts', 'exclude_accounts',
 )
-# collector_configs keys every AWS collector has, for the line that says so
-# when one is in the account dict.
-SHARED_CONFIG_KEYS = ('regions', 'concurrency', 'retry_mode', 'max_attempts')
+# The collector_configs keys of this package's collectors, for the line that
+# says where one put in the account dict belongs.
+COLLECTOR_CONFIG_KEYS = ('regions', 'concurrency', 'retry_mode', 'max_attempts', 'page_size', 'targets',
+                         'period', 'statistics', 'delay', 'discovery_interval', 'backfill')
 # The keys that only select an Organization's accounts (see freshness_key).
 ACCOUNT_LIST_KEYS = ('member_accounts', 'exclude_accounts')
 SECRET_KEYS = ('ak_secret', 'token_code')
@@ -319,7 +320,8 @@ def member_session(management, account, member_id, cache=None, clock=None, watch
             member[member_key] = account[key]
     base = management.integration_binding
     binding = _Binding(base.key, base.seal_keys, management.get_credentials(), base.chained)
-    key = _hash('member', member_id, base.key, region, text_timestamps,
+    key = _hash('member', member_id, base.key, member['assume_role_arn'], member.get('external_id'),
+                region, text_timestamps,
                 sorted((service, sorted(names)) for service, names in (operations or {}).items()),
                 _sdk_state())
     session = _take_kept(_KEPT_SESSIONS, key)
@@ -490,7 +492,7 @@ def validate_account(account, where='account'):
             f'{where} must be a dict such as {{"ak_id": ..., "ak_secret": ...}}, '
             f'not {type(account).__name__}')
     core.check_keys(account, KNOWN_KEYS, where, AccountConfigError,
-                    elsewhere=(SHARED_CONFIG_KEYS, 'collector_configs'))
+                    elsewhere=(COLLECTOR_CONFIG_KEYS, 'collector_configs'))
     out = {}
     for key, value in account.items():
         if key == 'extra_tags':
@@ -2034,12 +2036,17 @@ class CollectorAccount:
                 text_timestamps=self.text_timestamps, watch=self._watch)
         return self._session
 
-    def start_identity(self, cancellation, config=None):
-        """Begin the identity call in the background (a no-op once known or
-        under way; a run again after it failed asks again)."""
+    def use_cancellation(self, cancellation):
+        """The STS calls of this account's sessions (its own and its members')
+        end with `cancellation`: the run's, or check's."""
         self._watch = cancellation.watch
         if self._session is not None and self._session.integration_watch:
             self._session.integration_watch(cancellation.watch)     # a collector run again
+
+    def start_identity(self, cancellation, config=None):
+        """Begin the identity call in the background (a no-op once known or
+        under way; a run again after it failed asks again)."""
+        self.use_cancellation(cancellation)
         pending = self._pending_identity
         if pending is not None and pending.done() and pending.exception() is not None:
             self._pending_identity = None
@@ -2114,12 +2121,15 @@ class CollectorAccount:
             found = self._enabled_regions(member.session, config)
         except AuthError as e:
             forget = getattr(member.session, 'integration_forget', None)
-            if e.code not in REFUSED_AT_USE_CODES or forget is None:
+            denied = e.code in DENIED_CODES and getattr(member.session, 'integration_worked', None)
+            if not (e.code in REFUSED_AT_USE_CODES or denied) or forget is None:
                 raise
-            # A kept member session AWS refuses (revoked): dropped, and the
+            # A kept member session AWS refuses (revoked), or denies after it
+            # read regions before (revoked by a deny): dropped, and the
             # account opened again once, as its regions' refusal would.
-            LOG.warning('[%s] AWS refused the kept session of account %s (%s): dropped; opening '
-                        'a new one', self.label, member.account_id, e.code)
+            (LOG.debug if denied else LOG.warning)(
+                '[%s] AWS %s the kept session of account %s (%s): dropped; opening a new one',
+                self.label, 'denied' if denied else 'refused', member.account_id, e.code)
             forget()
             member.session = self._member_session(member.account_id)
             found = self._enabled_regions(member.session, config)
@@ -2179,10 +2189,11 @@ class CollectorAccount:
         is dropped; the collector then collects those accounts once more with
         a new one (AwsCollector.collect). One region's refusal is not enough:
         an opt-in region not enabled also answers AuthFailure. So is a session
-        that worked in an earlier run and is now denied in every region (IAM's
-        "Revoke active sessions" denies the sessions issued before it; a role
-        that never had the permission has no session that worked). Returns
-        the Members whose session was dropped."""
+        that read a region in an earlier run and is now denied in every region,
+        that one included (IAM's "Revoke active sessions" denies the sessions
+        issued before it; a role that never had the permission, or a region a
+        service control policy denies, has no region read). Returns the
+        Members whose session was dropped."""
         dropped = []
         by_account = {}
         for result in results:
@@ -2190,9 +2201,11 @@ class CollectorAccount:
         for member in self.collected:
             mine = by_account.get(member.account_id if self.organization else None, [])
             forget = getattr(member.session, 'integration_forget', None)
-            worked = getattr(member.session, 'integration_worked', False)
-            why = [r.get('refused') or (r.get('denied') if worked else None) for r in mine]
-            if forget and mine and all(why):
+            why = [r.get('refused') or r.get('denied') for r in mine]
+            # Denied: news only in a region where this session read before.
+            worked = getattr(member.session, 'integration_worked', ())
+            if forget and mine and all(why) and (
+                    all(r.get('refused') for r in mine) or any(r['region'] in worked for r in mine)):
                 refused = mine[0].get('refused')
                 # A denial is also a role whose permission was taken away: if
                 # the new session is denied too, its FAILED line is the one.
@@ -2227,7 +2240,7 @@ class CollectorAccount:
             self.collected = [Member(None, None, self.session())]
             return self.collected
         # The member roles' STS calls stop with the run, like every other call.
-        self._watch = cancellation.watch
+        self.use_cancellation(cancellation)
         listed = self.account.get('member_accounts')
         excluded = set(self.account.get('exclude_accounts', ()))
         out, opening = [], []
@@ -2598,11 +2611,13 @@ class AwsCollector:
         dropped = self.aws.forget_refused(self.results, again=self._expired is None)
         if dropped and self._expired is None:
             yield from self._collect_again(dropped)
-        # The sessions that read a region: a later denial everywhere is news.
-        read = {r.get('account') for r in self.results if not r['error']}
+        # The regions each session read: a later denial there is news.
         for member in self.aws.collected:
-            if member.session is not None and member.account_id in read:
-                member.session.integration_worked = True
+            if member.session is not None:
+                read = {r['region'] for r in self.results if not r['error']
+                        and r.get('account') == (member.account_id if self.aws.organization else None)}
+                member.session.integration_worked = getattr(member.session, 'integration_worked',
+                                                            frozenset()) | read
         if self.aws.organization:
             keep_member_sessions(m.session for m in self.aws.collected if m.session is not None)
 
@@ -2663,6 +2678,7 @@ def check_accounts(aws, config, service, probe, explain):
     probe(client, region) -> the line when allowed, or explain(error, region)
     when not; an account whose role cannot be assumed is one row."""
     stop = core.Cancellation()
+    aws.use_cancellation(stop)      # not the cancellation of a run before, ended
     pool = core.Workers(4, 'check')
     try:        # one cancellation for the whole check (the members' regions lookups too)
         return _check_rows(aws, config, service, probe, explain, stop, pool)

@@ -163,6 +163,7 @@ class Runner:
                               "must be a non-empty string, e.g. 'datakit'")
         self.debug = bool(debug)
         self._deadline = None
+        self._failure_lines = []    # (LOG.error's arguments) said at the run's end
         self.datakit_id = datakit_id
         self.force = force
         self.clock = clock
@@ -194,9 +195,18 @@ class Runner:
         force = self.force if self.force is not None else force_requested(dff)
         started_at = self._started_at()
         links = ObjectLinks(self.collectors, dff, now=started_at)
-        for number, collector in enumerate(self.collectors, 1):
-            summary['collectors'].append(
-                self._run_collector(number, collector, dff, delivery, force, links, started_at))
+        # Every collector's failure lines come after all of them, at the end
+        # of the log (Func keeps its first 20,000 and last 30,000 characters
+        # only: an Organization's account and region lines fill the middle).
+        self._failure_lines = []
+        try:
+            for number, collector in enumerate(self.collectors, 1):
+                summary['collectors'].append(
+                    self._run_collector(number, collector, dff, delivery, force, links, started_at))
+        finally:        # Func's timeout included
+            lines, self._failure_lines = self._failure_lines, []
+            for args in lines:
+                LOG.error(*args)
         if delivery:
             summary['points_written'] = delivery.written
             summary['points_spooled'] = delivery.spooled
@@ -265,7 +275,7 @@ class Runner:
             return status
         deadline = self._deadline
         if deadline is not None and deadline.passed():
-            return _fail(status, label, f'not started: {deadline.near()}')
+            return self._fail(status, label, f'not started: {deadline.near()}')
         links.before(collector)
         cancel = getattr(collector, 'cancel', lambda: None)
         # At the deadline the collector stops what it has not finished (see
@@ -282,7 +292,7 @@ class Runner:
             identified = True
         except Exception as e:  # the account as a whole failed: one line, not one per region
             why = watch.reason if watch and watch.fired else _one_line(e)
-            return _fail(status, label, f'account: {why}')
+            return self._fail(status, label, f'account: {why}')
         finally:
             # Also on Func's timeout, which no `except Exception` sees: the
             # collector's threads must stop calling AWS when the task ends.
@@ -302,7 +312,7 @@ class Runner:
         else:
             LOG.info('%s account %s (%s) as %s via %s', label, ident.get('account_id'),
                      ident.get('partition'), ident.get('arn'), ident.get('method'))
-        failed_accounts = self._log_accounts(label, status, accounts)     # its failures: at the end
+        self._log_accounts(label, accounts)      # its failures: after the regions'
         started = time.monotonic()
         failed_before = delivery.failed_points if delivery else 0
         batch = []
@@ -321,7 +331,7 @@ class Runner:
             LOG.debug('collector traceback:\n%s', traceback.format_exc())
             stopped = True
             self._write(delivery, collector.category, batch, state_key)
-            _fail(status, label, f'collection stopped: {_one_line(e)}')
+            self._fail(status, label, f'collection stopped: {_one_line(e)}')
         finally:
             # A timeout raised while we were writing leaves the generator
             # suspended: close it now so its threads stop, not at GC time.
@@ -347,23 +357,30 @@ class Runner:
                 LOG.info('%s %s: %d instance(s), %d page(s), %d API call(s), %.2f s', label,
                          _where(region), region['instances'], region['pages'],
                          region['api_calls'], region['seconds'])
+        # The accounts as the collection left them: one a second round opened
+        # again (a kept session AWS refused) may have failed there.
+        accounts = getattr(collector, 'accounts', lambda: [])()
+        status['accounts'] = [dict(a) for a in accounts]
+        failed_accounts = []
         for account in accounts:
             if account.get('error'):
                 name = f" ({account['account_name']})" if account.get('account_name') else ''
-                LOG.error('%s account %s%s FAILED: %s', label, account['account_id'], name,
-                          account['error'])
+                self._failure_lines.append(('%s account %s%s FAILED: %s', label, account['account_id'],
+                                            name, account['error']))
+                failed_accounts.append(account['account_id'])
         # An account of several whose every region failed (its role may not
         # read anything, say) is one line, not one per region.
         whole = _accounts_failed_everywhere(results)
         for account, regions in whole.items():
             name = f" ({regions[0]['account_name']})" if regions[0].get('account_name') else ''
-            LOG.error('%s account %s%s FAILED in every region (%d): %s', label, account, name,
-                      len(regions), regions[0]['error'])
+            self._failure_lines.append(('%s account %s%s FAILED in every region (%d): %s', label, account,
+                                        name, len(regions), regions[0]['error']))
             failed_accounts.append(account)
         for region in results:
-            if region.get('error'):
-                (LOG.debug if region.get('account') in whole else LOG.error)(
-                    '%s %s FAILED: %s', label, _where(region), region['error'])
+            if region.get('error') and region.get('account') in whole:
+                LOG.debug('%s %s FAILED: %s', label, _where(region), region['error'])
+            elif region.get('error'):
+                self._failure_lines.append(('%s %s FAILED: %s', label, _where(region), region['error']))
         failed_regions = [_where(r) for r in status['regions']
                           if r.get('error') and r.get('account') not in whole]
         failures = ([f'{len(failed_accounts)} account(s) failed: {", ".join(failed_accounts)}']
@@ -386,23 +403,23 @@ class Runner:
         return status
 
     @staticmethod
-    def _log_accounts(label, status, accounts):
+    def _log_accounts(label, accounts):
         """A collector of several accounts: the line of each account collected
-        or skipped; the ids of the failed ones, whose lines come after the
-        regions' (_run_collector)."""
-        failed = []
+        or skipped (the failed ones' come after the regions': _run_collector)."""
         for account in accounts:
             name = f" ({account['account_name']})" if account.get('account_name') else ''
-            if account.get('error'):
-                failed.append(account['account_id'])
-            elif account.get('skipped'):
+            if account.get('skipped'):
                 LOG.info('%s account %s%s skipped: %s', label, account['account_id'], name,
                          account['skipped'])
-            else:
+            elif not account.get('error'):
                 LOG.info('%s account %s%s as %s via %s', label, account['account_id'], name,
                          account.get('arn'), account.get('method'))
-        status['accounts'] = [dict(a) for a in accounts]
-        return failed
+
+    def _fail(self, status, label, message):
+        self._failure_lines.append(('%s FAILED: %s', label, message))
+        status['status'] = 'failed'
+        status['error'] = message
+        return status
 
     @staticmethod
     def _write(delivery, category, batch, state_key):
@@ -587,11 +604,6 @@ def cache_get(cache, key):
         return None
 
 
-def _fail(status, label, message):
-    LOG.error('%s FAILED: %s', label, message)
-    status['status'] = 'failed'
-    status['error'] = message
-    return status
 
 
 def _failures(summary, delivery):

@@ -717,6 +717,8 @@ BAD_ACCOUNTS = [
     ('unknown key', {**GOOD, 'ak_secrte': 'x'}, "account['ak_secrte'] is not a known key; did you mean 'ak_secret'"),
     ('collector key', {**GOOD, 'regions': ['us-east-1']},
      "account['regions'] belongs in collector_configs, not in account: move it there"),
+    ('collector key of one collector', {**GOOD, 'targets': 'ALL'},
+     "account['targets'] belongs in collector_configs, not in account: move it there"),
     ('unknown key far', {**GOOD, 'zzz': 'x'}, 'known keys:'),
     ('ak_id without secret', {'ak_id': GOOD['ak_id']}, "account['ak_secret'] is missing"),
     ('secret without ak_id', {'ak_secret': GOOD['ak_secret']}, "account['ak_id'] is missing"),

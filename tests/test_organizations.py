@@ -135,6 +135,56 @@ def test_a_second_run_of_every_region_makes_no_sts_call(aws, org, sink, keys):
                 keys == 'aws-cn' and c['region'] == 'us-east-1']
 
 
+def test_a_region_a_policy_denies_costs_no_new_session_in_any_script(aws, org, sink):
+    """A service control policy denies one region. One script reads it and
+    another region, another script that region alone, with the same keys and
+    role: the denied region never worked, so neither script's runs replace
+    its session (an AssumeRole per run); nor does a script with another role."""
+    from servers import ec2_error
+    members, proxy = org['members'], org['proxy']
+    target = members['with-instances']['id']
+    judge = proxy.rule
+    proxy.rule = lambda request: ('status', 403, ec2_error('UnauthorizedOperation', 'explicit deny in a '
+                                                           'service control policy')) \
+        if request['action'] == 'DescribeInstances' and request['region'] == 'us-west-2' and \
+        f':{target}:' in proxy.issued.get(request['access_key'], '') else judge(request)
+    both = org_account(org, member_accounts=[target])
+    other_role = dict(both, member_role_name=ROLE + '-other')
+    assumed = []
+    for _ in range(4):
+        seen = len(proxy.seen)
+        for account, regions in ((both, ['us-west-2', 'us-east-1']), (both, ['us-west-2']),
+                                 (other_role, ['us-west-2'])):
+            with pytest.raises(core.RunFailed):
+                core.Runner(ec2.DataCollector(account, {'regions': regions}), force=True).run()
+        assumed.append(len([r for r in proxy.seen[seen:] if r['action'] == 'AssumeRole']))
+    # The first run opens the sessions; then only the other role is asked
+    # again, each run (it does not exist: refused, its account's one line).
+    assert assumed[1:] == [1, 1, 1], assumed
+
+
+def test_failure_lines_of_every_collector_come_last(aws, org, sink, caplog):
+    """EC2 and CloudWatch in one Runner: the failures of both come after
+    every region line of both (Func keeps a long log's head and tail only)."""
+    caplog.set_level('INFO', logger='integration')
+    account = org_account(org)
+    with pytest.raises(core.RunFailed):
+        core.Runner([ec2.DataCollector(account, {'regions': REGIONS}),
+                     cw.DataCollector(account, {'regions': REGIONS})], force=True).run()
+    lines = [r.getMessage() for r in caplog.records]
+    failed = [i for i, line in enumerate(lines) if 'FAILED' in line]
+    read = [i for i, line in enumerate(lines) if re.search(r'\d{12} us-[a-z]+-\d: ', line)]
+    assert len(failed) == 2 and read and max(read) < min(failed), lines
+    assert lines[-1].startswith('[Runner] done')
+
+
+def test_check_of_a_collector_that_ran_asks_with_checks_own_cancellation(aws, user):
+    collector = ec2.DataCollector(account_of(user), {'regions': ['*']})
+    core.Runner(collector, force=True, debug=True).run()
+    rows = collector.check()
+    assert rows and all(row['ok'] for row in rows), rows
+
+
 def test_a_second_run_takes_the_member_sessions_of_the_first(aws, org, sink, monkeypatch):
     """A member account's Session (3-4 ms of CPU to make, per account and
     run) is made once per process: the next run of the same keys takes it
@@ -1358,6 +1408,20 @@ def test_a_member_session_denied_everywhere_after_it_worked_is_replaced_once(aws
     assert len([line for line in lines if target in line]) == 1, 'a failing account is one line'
     failed, assumed, lines = run()
     assert assumed == 0 and failed.endswith(f'1 account(s) failed: {target}')
+    # The role deleted after it worked: its old session denied, a new one
+    # refused. The account is its one line still, and the run fails.
+    denied.discard('all')
+    run()       # a new session, which works
+    denied.add('all')
+    role_gone = proxy.rule
+    proxy.rule = lambda request: ('status', 403, ACCESS_DENIED.format(caller=org['user']['arn'], role=target)) \
+        if request['action'] == 'AssumeRole' and target in request['body'].decode() else role_gone(request)
+    failed, assumed, lines = run()
+    proxy.rule = role_gone
+    assert failed is not None and failed.endswith(f'1 account(s) failed: {target}'), failed
+    assert [line for line in lines if target in line] == [
+        line for line in lines if f'account {target} FAILED: sts:AssumeRole: AccessDenied' in line]
+    assert len(lines) == 1
     # One region denied to a session that works: no new session.
     denied.discard('all')
     run()       # a new session, which works
@@ -1372,12 +1436,14 @@ STS_REFUSED = ('<ErrorResponse><Error><Type>Sender</Type><Code>InvalidClientToke
                '<RequestId>t</RequestId></ErrorResponse>')
 
 
-def test_a_revoked_member_session_is_replaced_with_regions_star(aws, org, sink, caplog):
+@pytest.mark.parametrize('answer', ['refused', 'denied'])
+def test_a_revoked_member_session_is_replaced_with_regions_star(aws, org, sink, caplog, answer):
     """regions ['*']: once the member's kept regions are an hour old, its
-    DescribeRegions is the first call a revoked session makes; refused, the
-    session is dropped and the account opened again, in the same run."""
+    DescribeRegions is the first call a revoked session makes; refused (or
+    denied, after it worked), the session is dropped and the account opened
+    again, in the same run."""
     from servers import ec2_error
-    caplog.set_level('INFO', logger='integration')
+    caplog.set_level('DEBUG', logger='integration')
     now = [datetime.datetime.now(datetime.timezone.utc)]
     cache = core.MemoryCache(clock=lambda: now[0].timestamp())
     target = org['members']['with-instances']
@@ -1391,15 +1457,15 @@ def test_a_revoked_member_session_is_replaced_with_regions_star(aws, org, sink, 
     run()
     proxy, judge = org['proxy'], org['proxy'].rule
     revoked = {key for key, arn in proxy.issued.items() if arn.split(':')[4] == target['id']}
-    proxy.rule = lambda r: (('status', 401, ec2_error('AuthFailure', 'AWS was not able to validate the '
-                                                      'provided access credentials'))
+    code = 'AuthFailure' if answer == 'refused' else 'UnauthorizedOperation'
+    proxy.rule = lambda r: (('status', 401 if answer == 'refused' else 403, ec2_error(code, 'not this session'))
                             if r['access_key'] in revoked else judge(r))
     now[0] += datetime.timedelta(minutes=61)
     with aws.recording() as calls:
         names = run()
     assert names == sorted(target['instances']['us-east-1'] + target['instances']['us-west-2'])
     assert len([c for c in calls if c['action'] == 'AssumeRole']) == 1
-    assert any(f"AWS refused the kept session of account {target['id']} (AuthFailure): dropped; opening "
+    assert any(f"AWS {answer} the kept session of account {target['id']} ({code}): dropped; opening "
                'a new one' in r.getMessage() for r in caplog.records)
 
 
