@@ -2203,9 +2203,14 @@ class CollectorAccount:
             forget = getattr(member.session, 'integration_forget', None)
             why = [r.get('refused') or r.get('denied') for r in mine]
             # Denied: news only in a region where this session read before.
+            # Refused: unless a session new in the last run's second round
+            # was refused so too (an opt-in region not enabled answers
+            # AuthFailure, to every session, every run).
             worked = getattr(member.session, 'integration_worked', ())
-            if forget and mine and all(why) and (
-                    all(r.get('refused') for r in mine) or any(r['region'] in worked for r in mine)):
+            news = any(r['region'] in worked for r in mine) or (
+                all(r.get('refused') for r in mine)
+                and not getattr(member.session, 'integration_refused_new', False))
+            if forget and mine and all(why) and news:
                 refused = mine[0].get('refused')
                 # A denial is also a role whose permission was taken away: if
                 # the new session is denied too, its FAILED line is the one.
@@ -2629,6 +2634,15 @@ class AwsCollector:
             yield from self._collect()
         finally:
             self.aws.only = None
+        # A new session refused everywhere as the old one was: the account's
+        # refusal (regions not enabled), not its session's; not asked again.
+        again_results = {}
+        for result in self.results:
+            again_results.setdefault(result.get('account'), []).append(result)
+        for member in self.aws.collected:
+            mine = again_results.get(member.account_id if self.aws.organization else None)
+            if member.session is not None and mine and all(r.get('refused') for r in mine):
+                member.session.integration_refused_new = True
         self.results = [r for r in first if r.get('account') not in again] + self.results
         # Every account of the run, the second round's where it went again (the
         # skip rule marks them all).
@@ -2685,6 +2699,10 @@ def check_accounts(aws, config, service, probe, explain):
     finally:
         stop.cancel()
         pool.stop(core.STOP_GRACE)
+        # The member sessions it took, given back with what runs learned of
+        # them (the regions each read: see forget_refused).
+        if aws.organization:
+            keep_member_sessions(m.session for m in aws.collected if m.session is not None)
 
 
 def _check_rows(aws, config, service, probe, explain, stop, pool):

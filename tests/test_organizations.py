@@ -135,6 +135,47 @@ def test_a_second_run_of_every_region_makes_no_sts_call(aws, org, sink, keys):
                 keys == 'aws-cn' and c['region'] == 'us-east-1']
 
 
+def test_a_check_between_runs_keeps_what_the_runs_learned_of_the_sessions(aws, org, sink, monkeypatch):
+    """check takes the kept member sessions and gives them back: a session
+    denied after it worked is still replaced in the next run."""
+    from servers import ec2_error
+    target = org['members']['with-instances']['id']
+    proxy, judge = org['proxy'], org['proxy'].rule
+    account = org_account(org, member_accounts=[target])
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    revoked = {key for key, arn in proxy.issued.items() if arn.split(':')[4] == target}
+    proxy.rule = lambda r: ('status', 403, ec2_error('UnauthorizedOperation', 'explicit deny')) \
+        if r['access_key'] in revoked and r['action'] == 'DescribeInstances' else judge(r)
+    monkeypatch.setitem(core._RUNTIME, 'mode', 'check')
+    core.Runner(ec2.DataCollector(account, {'regions': REGIONS})).run()
+    monkeypatch.setitem(core._RUNTIME, 'mode', 'run')
+    with aws.recording() as calls:
+        core.Runner(ec2.DataCollector(account, {'regions': REGIONS}), force=True).run()
+    assert len([c for c in calls if c['action'] == 'AssumeRole']) == 1
+
+
+def test_an_account_whose_every_region_refuses_any_session_is_not_reopened_every_run(aws, org, sink, caplog):
+    """Its only region an opt-in one it has not enabled (AuthFailure, to any
+    session): a new session once, then none, and one line each run."""
+    from servers import ec2_error
+    caplog.set_level('INFO', logger='integration')
+    target = org['members']['with-instances']['id']
+    proxy, judge = org['proxy'], org['proxy'].rule
+    proxy.rule = lambda r: ('status', 401, ec2_error('AuthFailure', 'AWS was not able to validate the '
+                                                     'provided access credentials')) \
+        if f':{target}:' in proxy.issued.get(r['access_key'], '') and r['service'] == 'ec2' else judge(r)
+    account = org_account(org, member_accounts=[target, org['members']['external-id']['id']])
+    assumed, lines = [], []
+    for _ in range(4):
+        caplog.clear()
+        with aws.recording() as calls:
+            with pytest.raises(core.RunFailed):
+                core.Runner(ec2.DataCollector(account, {'regions': [REGIONS[0]]}), force=True).run()
+        assumed.append(len([c for c in calls if c['action'] == 'AssumeRole']))
+        lines.append(len(failure_lines(caplog)))
+    assert assumed[2:] == [0, 0] and lines[2:] == [1, 1], (assumed, lines)
+
+
 def test_a_region_a_policy_denies_costs_no_new_session_in_any_script(aws, org, sink):
     """A service control policy denies one region. One script reads it and
     another region, another script that region alone, with the same keys and
