@@ -203,6 +203,7 @@ class Runner:
             for number, collector in enumerate(self.collectors, 1):
                 summary['collectors'].append(
                     self._run_collector(number, collector, dff, delivery, force, links, started_at))
+            links.end()
         finally:        # Func's timeout included
             lines, self._failure_lines = self._failure_lines, []
             for args in lines:
@@ -556,9 +557,27 @@ class ObjectLinks:
                 continue
             self.objects[name], self.seen[name] = tags, [by, at]
         self.fresh = True
+        self._keep(self.objects, self.seen)
+
+    def end(self):
+        """The run's end. Another script of the same key (an Organization's
+        accounts split between scripts) may have written the map between
+        this run's reading and writing it in after(), from what it read
+        before: this run's objects would be missing until its next object
+        collection. Seconds later, the map is read again and they are put
+        back beside the other script's."""
+        if not self.fresh or not self.noted:
+            return
+        objects, seen = self._last()
+        if all(seen.get(name, (None, -math.inf))[1] >= self.now for name in self.noted):
+            return
+        for name in self.noted:
+            objects[name], seen[name] = self.objects[name], self.seen[name]
+        self._keep(objects, seen)
+
+    def _keep(self, objects, seen):
         try:
-            self.dff.CACHE.set(self.key, pack_json(_pack_objects(self.objects, self.seen)),
-                               expires=LINK_TTL)
+            self.dff.CACHE.set(self.key, pack_json(_pack_objects(objects, seen)), expires=LINK_TTL)
         except Exception as e:
             LOG.warning('[Runner] cannot keep the object tags for the next metric runs: %s',
                         _one_line(e))

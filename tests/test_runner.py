@@ -927,6 +927,48 @@ def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
     assert run(t + 900, (read(sx), []), script=script) == []
 
 
+def test_object_links_of_two_scripts_that_write_the_map_at_once_keep_both(tmp_path):
+    """Two scripts of one Organization (its accounts split between them) end
+    their EC2 collection at the same moment: B read the map before A wrote
+    it, and writes it after. At the end of A's run its objects are put back
+    beside B's (they would be missing until A's next object collection)."""
+    class Dff:
+        CACHE = local_runtime.FileCache(str(tmp_path))
+
+    class Source:
+        category = 'custom_object'
+        state_key = 'org'
+
+        def __init__(self, account):
+            self.results = [{'account': account, 'region': 'r1', 'error': None}]
+
+    class Linker:
+        category = 'metric'
+        objects = None
+
+        def link_objects(self, objects):
+            self.objects = objects
+
+    def point(name, account):
+        return {'tags': {'name': name, 'AccountId': account, 'RegionId': 'r1'}}
+    t = 1_800_000_000
+    a, b = Source('A'), Source('B')
+    links_a = core.ObjectLinks([a, Linker()], Dff, now=t)
+    links_b = core.ObjectLinks([b, Linker()], Dff, now=t)
+    before_a_wrote = links_b._last()
+    links_b._last = lambda: before_a_wrote
+    links_a.note(a, point('i-a1', 'A'))
+    links_a.after(a)
+    links_b.note(b, point('i-b1', 'B'))
+    links_b.after(b)                    # from what it read before A wrote
+    del links_b._last
+    links_a.end()
+    links_b.end()
+    linker = Linker()
+    core.ObjectLinks([a, linker], Dff, now=t + 60).before(linker)
+    assert sorted(linker.objects) == ['i-a1', 'i-b1']
+
+
 def test_a_datakit_that_cannot_be_reached_in_time_is_unreachable_one_that_does_not_answer_is_slow(
         monkeypatch, caplog):
     import socket
