@@ -854,6 +854,21 @@ def test_tag_values_keep_their_rules():
         core.tag_value('ops\udcff')        # no UTF-8: as before
 
 
+class _Linker:
+    """A metric collector as ObjectLinks sees one: it takes the map."""
+    category = 'metric'
+    title = 'metrics'
+    objects = None
+
+    def link_objects(self, objects):
+        self.objects = objects
+
+
+def _dff(tmp_path):
+    """A DFF whose CACHE is the local runtime's, in `tmp_path`."""
+    return type('Dff', (), {'CACHE': local_runtime.FileCache(str(tmp_path))})
+
+
 def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
     """An Organization's run within 15 minutes collects only some accounts,
     and a region may fail: the metrics of the others keep the last map's tags;
@@ -861,8 +876,7 @@ def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
     from them is gone from the map); another collector's objects (another
     script of the same Organization, another account) are not its to drop;
     an object nobody saw for LINK_TTL goes."""
-    class Dff:
-        CACHE = local_runtime.FileCache(str(tmp_path))
+    Dff = _dff(tmp_path)
 
     class Source:
         category = 'custom_object'
@@ -871,13 +885,6 @@ def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
             self.state_key, self.results = key, results
             if accounts is not None:
                 self.accounts = lambda: accounts
-
-    class Linker:
-        category = 'metric'
-        objects = None
-
-        def link_objects(self, objects):
-            self.objects = objects
 
     def instance(name, account, region):
         tags = {'name': name, 'RegionId': region, 'InstanceName': name}
@@ -889,7 +896,7 @@ def test_object_links_keep_the_last_map_of_what_a_run_did_not_collect(tmp_path):
     def run(now, *sources, script=None):
         """sources: (Source, its points) that ran, of the script's (by default
         those); the linker's map after them."""
-        linker = Linker()
+        linker = _Linker()
         links = core.ObjectLinks((script or [source for source, _ in sources]) + [linker], Dff, now=now)
         for source, points in sources:
             for point in points:
@@ -932,8 +939,7 @@ def test_object_links_of_two_scripts_that_write_the_map_at_once_keep_both(tmp_pa
     their EC2 collection at the same moment: B read the map before A wrote
     it, and writes it after. At the end of A's run its objects are put back
     beside B's (they would be missing until A's next object collection)."""
-    class Dff:
-        CACHE = local_runtime.FileCache(str(tmp_path))
+    Dff = _dff(tmp_path)
 
     class Source:
         category = 'custom_object'
@@ -942,19 +948,12 @@ def test_object_links_of_two_scripts_that_write_the_map_at_once_keep_both(tmp_pa
         def __init__(self, account):
             self.results = [{'account': account, 'region': 'r1', 'error': None}]
 
-    class Linker:
-        category = 'metric'
-        objects = None
-
-        def link_objects(self, objects):
-            self.objects = objects
-
     def point(name, account):
         return {'tags': {'name': name, 'AccountId': account, 'RegionId': 'r1'}}
     t = 1_800_000_000
     a, b = Source('A'), Source('B')
-    links_a = core.ObjectLinks([a, Linker()], Dff, now=t)
-    links_b = core.ObjectLinks([b, Linker()], Dff, now=t)
+    links_a = core.ObjectLinks([a, _Linker()], Dff, now=t)
+    links_b = core.ObjectLinks([b, _Linker()], Dff, now=t)
     before_a_wrote = links_b._last()
     links_b._last = lambda: before_a_wrote
     links_a.note(a, point('i-a1', 'A'))
@@ -964,7 +963,7 @@ def test_object_links_of_two_scripts_that_write_the_map_at_once_keep_both(tmp_pa
     del links_b._last
     links_a.end()
     links_b.end()
-    linker = Linker()
+    linker = _Linker()
     core.ObjectLinks([a, linker], Dff, now=t + 60).before(linker)
     assert sorted(linker.objects) == ['i-a1', 'i-b1']
 
@@ -1012,8 +1011,7 @@ def test_object_links_edge_cases(tmp_path):
     collection stopped part-way read nothing in full; a time from a clock
     that was ahead, a damaged time and a map of the version before all
     expire."""
-    class Dff:
-        CACHE = local_runtime.FileCache(str(tmp_path))
+    Dff = _dff(tmp_path)
 
     class Source:
         category = 'custom_object'
@@ -1022,17 +1020,9 @@ def test_object_links_edge_cases(tmp_path):
         def __init__(self, key):
             self.state_key, self.results = key, [{'region': 'r1', 'error': None}]
 
-    class Linker:
-        category = 'metric'
-        title = 'metrics'
-        objects = None
-
-        def link_objects(self, objects):
-            self.objects = objects
-
     def point(name):
         return {'tags': {'name': name, 'RegionId': 'r1'}}
-    x, y, linker = Source('x'), Source('y'), Linker()
+    x, y, linker = Source('x'), Source('y'), _Linker()
 
     def run(now, ran, order=None, stopped=False):
         links = core.ObjectLinks(order or [x, y, linker], Dff, now=now)
