@@ -2195,11 +2195,7 @@ class CollectorAccount:
         service control policy denies, has no region read). Returns the
         Members whose session was dropped."""
         dropped = []
-        by_account = {}
-        for result in results:
-            by_account.setdefault(result.get('account'), []).append(result)
-        for member in self.collected:
-            mine = by_account.get(member.account_id if self.organization else None, [])
+        for member, mine in self.results_by_member(results):
             forget = getattr(member.session, 'integration_forget', None)
             why = [r.get('refused') or r.get('denied') for r in mine]
             # Denied: news only in a region where this session read before.
@@ -2226,6 +2222,14 @@ class CollectorAccount:
         if dropped and not self.organization:
             self._session = None        # the next session() starts a new one
         return dropped
+
+    def results_by_member(self, results):
+        """(Member, its region results) for each account collected."""
+        by_account = {}
+        for result in results:
+            by_account.setdefault(result.get('account'), []).append(result)
+        return [(member, by_account.get(member.account_id if self.organization else None, []))
+                for member in self.collected]
 
     def members(self, cancellation, pool, fresh=None, ready=None, recheck=False, bound=None):
         """The accounts to collect, each a Member with a session or the one line
@@ -2617,10 +2621,9 @@ class AwsCollector:
         if dropped and self._expired is None:
             yield from self._collect_again(dropped)
         # The regions each session read: a later denial there is news.
-        for member in self.aws.collected:
+        for member, mine in self.aws.results_by_member(self.results):
             if member.session is not None:
-                read = {r['region'] for r in self.results if not r['error']
-                        and r.get('account') == (member.account_id if self.aws.organization else None)}
+                read = {r['region'] for r in mine if not r['error']}
                 member.session.integration_worked = getattr(member.session, 'integration_worked',
                                                             frozenset()) | read
         if self.aws.organization:
@@ -2636,11 +2639,7 @@ class AwsCollector:
             self.aws.only = None
         # A new session refused everywhere as the old one was: the account's
         # refusal (regions not enabled), not its session's; not asked again.
-        again_results = {}
-        for result in self.results:
-            again_results.setdefault(result.get('account'), []).append(result)
-        for member in self.aws.collected:
-            mine = again_results.get(member.account_id if self.aws.organization else None)
+        for member, mine in self.aws.results_by_member(self.results):
             if member.session is not None and mine and all(r.get('refused') for r in mine):
                 member.session.integration_refused_new = True
         self.results = [r for r in first if r.get('account') not in again] + self.results
