@@ -325,7 +325,6 @@ class _Region:
         """Worker: the series to read (cached ListMetrics), the window, and the
         GetMetricData calls, submitted to the pool."""
         try:
-            collector = self.collector
             self.series = self._series()
             self.result['series'] = len(self.series)
             self.state = self._load_record()
